@@ -1,0 +1,148 @@
+"""The shared loop: exact resume, accumulation, EMA, non-finite losses, atomic checkpoints."""
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from training import EMA, NonFiniteLossError, TrainConfig, TrainingTask, load_weights, train
+from training.checkpoint import CheckpointDir, CheckpointError, load_torch, save_torch
+from training.loop import EpochKeySampler
+
+
+class NoisyRegression(Dataset):
+    """Key-addressed samples whose 'augmentation' noise depends on the key, like the real datasets."""
+
+    def __init__(self, n: int = 24):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = self.x @ torch.randn(6, 2, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, key):
+        i = key % len(self)
+        jitter = torch.randn(6, generator=torch.Generator().manual_seed(key)) * 0.01
+        return {"x": self.x[i] + jitter, "y": self.y[i], "caption": f"sample {i}"}
+
+
+class GanLikeTask(TrainingTask):
+    """Two optimizers and global-RNG use in the step, as the real tasks have."""
+
+    def __init__(self, nan_at: int | None = None):
+        torch.manual_seed(123)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.1), nn.Linear(16, 2))
+        self.critic = nn.Linear(2, 1)
+        self.nan_at = nan_at
+
+    def setup(self, accelerator):
+        opt_g = torch.optim.AdamW(self.net.parameters(), lr=1e-2)
+        opt_d = torch.optim.Adam(self.critic.parameters(), lr=1e-2)
+        opt_g, opt_d = accelerator.prepare(opt_g, opt_d)
+        self.modules = {"net": self.net, "critic": self.critic}
+        self.optimizers = {"net": opt_g, "critic": opt_d}
+        self.schedulers = {"net": torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: min(1.0, (s + 1) / 5))}
+        self.ema_target = self.net
+
+    def training_step(self, batch, step):
+        pred = self.net(batch["x"] + 0.01 * torch.randn_like(batch["x"]))
+        loss = (pred - batch["y"]).pow(2).mean()
+        if self.nan_at is not None and step == self.nan_at:
+            loss = loss * float("nan")
+        yield "net", loss, {"mse": loss.item()}
+        critic = self.critic(pred.detach()).pow(2).mean()
+        yield "critic", critic, {"critic": critic.item()}
+
+
+def _cfg(tmp_path, **kw):
+    base = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4, max_steps=14, checkpoint_every=5,
+                       keep_checkpoints=2, ema_decay=0.99, log_every=3, grad_clip=1.0)
+    return replace(base, **kw)
+
+
+def _final_weights(folder):
+    return {**load_weights(folder / "net.safetensors"), **load_weights(folder / "ema.safetensors")}
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_is_exact(tmp_path, grad_accum):
+    data = NoisyRegression()
+    straight = train(GanLikeTask(), data, _cfg(tmp_path / "a", grad_accum=grad_accum))
+    # Stop at step 7 (mid-epoch: 6 batches of 4 per epoch), then resume to 14.
+    train(GanLikeTask(), data, _cfg(tmp_path / "b", grad_accum=grad_accum, max_steps=7))
+    resumed = train(GanLikeTask(), data, _cfg(tmp_path / "b", grad_accum=grad_accum), resume=True)
+    assert straight.name == resumed.name == "step_00000014"
+    a, b = _final_weights(straight), _final_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # Training actually moved the weights.
+    init = GanLikeTask().net.state_dict()
+    assert not torch.equal(init["0.weight"], a["0.weight"])
+
+
+def test_keeps_last_k_checkpoints(tmp_path):
+    train(GanLikeTask(), NoisyRegression(), _cfg(tmp_path))
+    steps = CheckpointDir(tmp_path / "run" / "checkpoints").steps()
+    assert steps == [10, 14]
+
+
+def test_non_finite_loss_stops_and_keeps_good_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path)
+    train(GanLikeTask(), NoisyRegression(), replace(cfg, max_steps=5))
+    good = load_weights(tmp_path / "run" / "checkpoints" / "step_00000005" / "net.safetensors")
+    with pytest.raises(NonFiniteLossError, match="loss 'net' is nan at step 6"):
+        train(GanLikeTask(nan_at=6), NoisyRegression(), cfg, resume=True)
+    folder = CheckpointDir(tmp_path / "run" / "checkpoints")
+    assert folder.steps() == [5]
+    after = load_weights(folder.path(5) / "net.safetensors")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_sampler_covers_epoch_and_shards_ranks():
+    batches = list(EpochKeySampler(10, 2, epoch=1, seed=0))
+    keys = [k for b in batches for k in b]
+    assert sorted(keys) == list(range(10, 20))
+    assert list(EpochKeySampler(10, 2, epoch=1, seed=0, start=3)) == batches[3:]
+    r0 = list(EpochKeySampler(10, 2, 1, 0, rank=0, world=2))
+    r1 = list(EpochKeySampler(10, 2, 1, 0, rank=1, world=2))
+    assert len(r0) == len(r1) == 2 and not set(sum(r0, [])) & set(sum(r1, []))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        EpochKeySampler(3, 4, 0, 0)
+
+
+def test_ema_warmup_matches_formula():
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.9)
+    expected = 0.0
+    for n in range(1, 30):
+        model.weight.data.fill_(float(n))
+        ema.update(model)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * n
+    assert ema.shadow.weight.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_torch_load_refuses_code_execution(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(CheckpointError, match="refused or unreadable"):
+        load_torch(path)
+    save_torch({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(load_torch(tmp_path / "ok.pt")["w"], torch.ones(2))
+
+
+def test_corrupt_and_missing_weights_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_weights(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_weights(tmp_path / "nope.safetensors")

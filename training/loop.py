@@ -1,0 +1,403 @@
+"""The one training loop shared by stage 1, stage 2 and ControlNet.
+
+A model plugs in as a `TrainingTask`: it owns its modules and optimizers and yields one loss per
+optimizer for each batch. The loop does the rest: accelerate (devices, processes, autocast, gradient
+accumulation), gradient averaging across processes, clipping, EMA, logging, image grids, atomic
+checkpoints and exact resume.
+
+Modules are not wrapped in DistributedDataParallel: a GAN's generator and discriminator losses call
+into modules through methods other than `forward`, which DDP does not see. Instead the loop averages
+each optimizer's gradients across processes before it steps, which works for any task.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm import tqdm
+
+from training.checkpoint import CheckpointDir, load_torch, load_weights, save_torch, save_weights
+from training.ema import EMA
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    batch_size: int = 8
+    max_steps: int = 1000
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    image_every: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the run stops without touching saved checkpoints."""
+
+
+class TrainingTask:
+    """What a model contributes to the loop. Subclasses set the attributes in `setup`.
+
+    modules:    everything saved in a checkpoint, by name, on `accelerator.device`
+    optimizers: by name, passed through `accelerator.prepare`; `training_step` yields losses under these names
+    schedulers: optional LR schedulers, by optimizer name
+    ema_target: the module whose weights the EMA follows (or None)
+    """
+
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
+    ema_target: nn.Module | None = None
+
+    def setup(self, accelerator) -> None:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, step: int) -> Iterator[tuple[str, torch.Tensor, dict[str, float]]]:
+        """Yield (optimizer name, scalar loss, scalars to log) once per optimizer, in update order.
+
+        The loop steps that optimizer before resuming the generator, so a later loss sees updated
+        weights (the discriminator update after the generator's, as in taming/LDM).
+        """
+        raise NotImplementedError
+
+    def images(self, batch: dict, ema: EMA | None) -> dict[str, torch.Tensor]:
+        """Image grids to log, {name: [N, 3, H, W] in [-1, 1]}. Optional."""
+        return {}
+
+    def extra_state(self) -> dict:
+        """Further state to resume exactly (e.g. a timestep sampler's loss history)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+
+
+def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train until `cfg.max_steps`; return the folder of the last checkpoint."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision=cfg.mixed_precision,
+        step_scheduler_with_optimizer=False,
+    )
+    torch.manual_seed(cfg.seed + accelerator.process_index)
+    np.random.seed(cfg.seed + accelerator.process_index)
+    random.seed(cfg.seed + accelerator.process_index)
+    task.setup(accelerator)
+    ema = EMA(task.ema_target, cfg.ema_decay) if cfg.ema_decay and task.ema_target else None
+
+    out = Path(cfg.output_dir)
+    checkpoints = CheckpointDir(out / "checkpoints", keep=cfg.keep_checkpoints)
+    pos = Position()
+    if resume:
+        latest = checkpoints.latest()
+        if latest is None:
+            log.warning("--resume: no checkpoint in %s; starting from scratch", checkpoints.root)
+        else:
+            pos = _load(latest, task, ema, accelerator)
+            log.info("resumed from %s (step %d)", latest, pos.step)
+
+    writer = _tensorboard(out) if accelerator.is_main_process else None
+    bar = tqdm(total=cfg.max_steps, initial=pos.step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    interrupted = _InterruptFlag()
+    last_saved = pos.step if resume else -1
+    running: dict[str, float] = {}
+    tic, samples, micro = time.perf_counter(), 0, 0
+    try:
+        while pos.step < cfg.max_steps and not interrupted:
+            for batch in _epoch_batches(dataset, cfg, pos, accelerator):
+                pos.batch_in_epoch += 1
+                with accelerator.accumulate():
+                    for name, loss, logs in _autocast_steps(task.training_step(batch, pos.step), accelerator):
+                        if not torch.isfinite(loss.detach()).all():
+                            raise NonFiniteLossError(
+                                f"loss '{name}' is {loss.item()} at step {pos.step}; stopping without saving "
+                                f"(last good checkpoint: {checkpoints.latest() or 'none'})"
+                            )
+                        accelerator.backward(loss)
+                        _optimizer_step(task, name, accelerator, cfg.grad_clip)
+                        for k, v in logs.items():
+                            running[k] = running.get(k, 0.0) + float(v)
+                samples += _batch_size(batch) * accelerator.num_processes
+                micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                pos.step += 1
+                if ema is not None:
+                    ema.update(task.ema_target)
+                bar.update(1)
+                if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
+                    rate = samples / (time.perf_counter() - tic)
+                    means = {k: v / micro for k, v in running.items()}
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in list(means.items())[:4]} | {"img/s": f"{rate:.1f}"})
+                    if writer:
+                        for k, v in means.items():
+                            writer.add_scalar(k, v, pos.step)
+                        writer.add_scalar("samples_per_second", rate, pos.step)
+                    running, tic, samples, micro = {}, time.perf_counter(), 0, 0
+                if cfg.image_every and pos.step % cfg.image_every == 0 and accelerator.is_main_process:
+                    _write_images(task, batch, ema, out, pos.step, writer)
+                if pos.step % cfg.checkpoint_every == 0 or pos.step == cfg.max_steps:
+                    _save(checkpoints, pos, task, ema, accelerator)
+                    last_saved = pos.step
+                if pos.step >= cfg.max_steps or interrupted:
+                    break
+            else:
+                pos.epoch += 1
+                pos.batch_in_epoch = 0
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
+        interrupted.restore()
+    if interrupted and pos.step != last_saved:
+        _save(checkpoints, pos, task, ema, accelerator)
+        log.warning("interrupted: saved step %d; continue with --resume", pos.step)
+    return checkpoints.latest()
+
+
+def _autocast_steps(steps: Iterator, accelerator) -> Iterator:
+    """Run each piece of the task's step under autocast, but not the backward passes between them."""
+    while True:
+        with accelerator.autocast():
+            item = next(steps, None)
+        if item is None:
+            return
+        yield item
+
+
+def _optimizer_step(task: TrainingTask, name: str, accelerator, grad_clip: float | None) -> None:
+    # AcceleratedOptimizer skips step/zero_grad on accumulation micro-steps; averaging and clipping must too.
+    optimizer = task.optimizers[name]
+    if accelerator.sync_gradients:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if accelerator.num_processes > 1:
+            _average_gradients(params, accelerator.num_processes)
+        if grad_clip:
+            accelerator.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    if name in task.schedulers and accelerator.sync_gradients:
+        task.schedulers[name].step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """All-reduce gradients in one flat buffer per dtype (one collective instead of one per tensor)."""
+    import torch.distributed as dist
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def _epoch_batches(dataset: Dataset, cfg: TrainConfig, pos: Position, accelerator) -> Iterator[dict]:
+    """This epoch's batches from `pos.batch_in_epoch` on, on the accelerator's device.
+
+    A fresh DataLoader with its own seeded generator each epoch, so making one (at a resume,
+    mid-epoch) does not draw from the global RNG that the training step uses.
+    """
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + pos.epoch)
+    if isinstance(dataset, IterableDataset):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(pos.epoch)
+        if hasattr(dataset, "skip"):
+            dataset.skip(pos.batch_in_epoch * cfg.batch_size, batch_size=cfg.batch_size)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, generator=generator)
+    else:
+        sampler = EpochKeySampler(len(dataset), cfg.batch_size, pos.epoch, cfg.seed,
+                                  accelerator.process_index, accelerator.num_processes, pos.batch_in_epoch)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, generator=generator,
+                            persistent_workers=False, pin_memory=accelerator.device.type == "cuda")
+    for batch in loader:
+        yield _to_device(batch, accelerator.device)
+
+
+class EpochKeySampler(torch.utils.data.Sampler):
+    """Batches of dataset keys for one epoch: key = epoch * N + permuted index.
+
+    The permutation depends only on (seed, epoch); datasets derive augmentation randomness from the
+    key, so a resumed run sees exactly the data an uninterrupted one would. Each process takes
+    every world-th batch; the last incomplete batch is dropped.
+    """
+
+    def __init__(self, n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        if n < batch_size * world:
+            raise ValueError(f"dataset has {n} samples, fewer than one global batch ({batch_size} x {world})")
+        self.n, self.batch_size, self.epoch, self.seed = n, batch_size, epoch, seed
+        self.rank, self.world, self.start = rank, world, start
+
+    def _all_batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch)
+        keys = (torch.randperm(self.n, generator=g) + self.epoch * self.n).tolist()
+        per_step = self.batch_size * self.world
+        full = [keys[i: i + per_step] for i in range(0, self.n - per_step + 1, per_step)]
+        return [b[self.rank * self.batch_size: (self.rank + 1) * self.batch_size] for b in full]
+
+    def __iter__(self):
+        return iter(self._all_batches()[self.start:])
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.world) - self.start
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list) and batch and isinstance(batch[0], torch.Tensor):
+        return [_to_device(v, device) for v in batch]
+    return batch
+
+
+def _batch_size(batch: dict) -> int:
+    for v in batch.values():
+        if isinstance(v, torch.Tensor):
+            return v.shape[0]
+        if isinstance(v, list):
+            return len(v)
+    return 0
+
+
+def _save(checkpoints: CheckpointDir, pos: Position, task: TrainingTask, ema: EMA | None, accelerator) -> None:
+    accelerator.wait_for_everyone()
+    rng = _rng_state()
+    if accelerator.is_main_process:
+        def fill(folder: Path) -> None:
+            for name, module in task.modules.items():
+                save_weights(module.state_dict(), folder / f"{name}.safetensors")
+            if ema is not None:
+                save_weights(ema.state_dict(), folder / "ema.safetensors", {"num_updates": ema.num_updates})
+            save_torch({
+                "optimizers": {k: o.state_dict() for k, o in task.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in task.schedulers.items()},
+                "task": task.extra_state(),
+            }, folder / "optimizers.pt")
+            save_torch({"step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
+                        "rng": {accelerator.process_index: rng}}, folder / "trainer_state.pt")
+        checkpoints.write(pos.step, fill)
+    accelerator.wait_for_everyone()
+
+
+def _load(folder: Path, task: TrainingTask, ema: EMA | None, accelerator) -> Position:
+    for name, module in task.modules.items():
+        module.load_state_dict(load_weights(folder / f"{name}.safetensors"))
+    if ema is not None:
+        from training.checkpoint import read_metadata
+
+        meta = read_metadata(folder / "ema.safetensors")
+        ema.load_state_dict(load_weights(folder / "ema.safetensors"), int(meta.get("num_updates", 0)))
+    states = load_torch(folder / "optimizers.pt")
+    for k, o in task.optimizers.items():
+        o.load_state_dict(states["optimizers"][k])
+    for k, s in task.schedulers.items():
+        s.load_state_dict(states["schedulers"][k])
+    task.load_extra_state(states.get("task", {}))
+    trainer = load_torch(folder / "trainer_state.pt")
+    rng = trainer["rng"].get(accelerator.process_index)
+    if rng is not None:
+        _set_rng_state(rng)
+    return Position(trainer["step"], trainer["epoch"], trainer["batch_in_epoch"])
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": list(random.getstate()[1]) + [random.getstate()[0]] + [random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    py = state["python"]
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
+        log.warning("tensorboard not importable; scalars go to the progress bar only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+@torch.no_grad()
+def _write_images(task: TrainingTask, batch: dict, ema: EMA | None, out: Path, step: int, writer) -> None:
+    import torchvision
+
+    for name, images in task.images(batch, ema).items():
+        grid = torchvision.utils.make_grid(images.float().clamp(-1, 1).cpu(), nrow=int(math.sqrt(len(images))) or 1,
+                                           normalize=True, value_range=(-1, 1))
+        path = out / "images" / f"{name}_{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torchvision.utils.save_image(grid, path)
+        if writer:
+            writer.add_image(name, grid, step)
+
+
+class _InterruptFlag:
+    """Turns the first Ctrl-C into a flag so the loop can save and stop between steps."""
+
+    def __init__(self):
+        self.hit = False
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.hit:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        self.hit = True
+        log.warning("Ctrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again aborts)")
+
+    def __bool__(self) -> bool:
+        return self.hit
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
