@@ -106,9 +106,7 @@ def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool =
         mixed_precision=cfg.mixed_precision,
         step_scheduler_with_optimizer=False,
     )
-    torch.manual_seed(cfg.seed + accelerator.process_index)
-    np.random.seed(cfg.seed + accelerator.process_index)
-    random.seed(cfg.seed + accelerator.process_index)
+    seed_everything(cfg.seed + accelerator.process_index)
     task.setup(accelerator)
     ema = EMA(task.ema_target, cfg.ema_decay) if cfg.ema_decay and task.ema_target else None
 
@@ -180,6 +178,13 @@ def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool =
         _save(checkpoints, pos, task, ema, accelerator)
         log.warning("interrupted: saved step %d; continue with --resume", pos.step)
     return checkpoints.latest()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random. Call it before building models too, so their init is reproducible."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def _autocast_steps(steps: Iterator, accelerator) -> Iterator:
