@@ -1,0 +1,191 @@
+"""Generate images with a trained latent diffusion model: text-to-image, img2img and inpainting.
+
+    python generate.py "a red apple" --checkpoint runs/ldm/model.safetensors --n 4
+    python generate.py "a red apple" --checkpoint model.safetensors --init-image in.png --strength 0.6
+    python generate.py "a red apple" --checkpoint model.safetensors --init-image in.png --mask mask.png
+
+Writes one PNG per image, with every generation parameter in its PNG text chunks, and grid.png
+(one row per prompt). The same command gives byte-identical files; image k of a prompt uses seed
+--seed + k whatever the batch size. Bad input is one line on stderr and exit code 2, before anything
+is written.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ldm.generation import SAMPLERS, generate_latents
+from ldm.latent_diffusion import LatentDiffusion
+from ldm.samplers import SIGMA_SPACINGS
+from training.cli import run
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts-file)")
+    parser.add_argument("--checkpoint", required=True, help="model file written by train_stage2.py")
+    parser.add_argument("--prompts-file", help="text file with one prompt per line")
+    parser.add_argument("--negative", default="", help="negative prompt, used in place of the empty prompt")
+    parser.add_argument("--sampler", default="dpmpp-2m", help=f"one of {', '.join(SAMPLERS)} (default dpmpp-2m)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0,
+                        help="phi of guidance rescale (0.7 in the paper)")
+    parser.add_argument("--spacing", choices=SIGMA_SPACINGS, help="noise-level spacing (default per sampler)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (ddim only)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=1, help="images per prompt")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per model batch (default --n)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side in pixels (default: the init image's size, else 256)")
+    parser.add_argument("--init-image", help="image to start from (img2img) or to inpaint")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="share of the schedule run on the init image (default 0.6; 1.0 with --mask)")
+    parser.add_argument("--mask", help="inpainting mask, same size as --init-image: white = repaint, black = keep")
+    parser.add_argument("--repaint-resamples", type=int, default=1, help="RePaint resampling passes (ddpm/ddim)")
+    parser.add_argument("--repaint-jump", type=int, default=10, help="RePaint jump length in steps")
+    parser.add_argument("--out", default="outputs", help="output directory")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    return parser.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("give either a prompt or --prompts-file (exactly one of them)")
+    if args.prompt is not None:
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def load_image(path: str, mode: str) -> torch.Tensor:
+    """An image file as [1, C, H, W]: RGB in [-1, 1] (mode "RGB") or a mask in [0, 1] (mode "L")."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{'mask' if mode == 'L' else 'init image'} not found: {path}")
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    tensor = torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)[None]
+    return tensor * 2 - 1 if mode == "RGB" else tensor
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoded images [B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] uint8."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sha256_prefix(path: str, length: int = 12) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+def save_png(array: np.ndarray, path: Path, text: dict[str, str]) -> None:
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    Image.fromarray(array).save(path, pnginfo=info)
+
+
+def grid(rows: list[list[np.ndarray]]) -> np.ndarray:
+    """Images [H, W, 3] arranged one list per row (short rows padded black) -> [rows H, cols W, 3]."""
+    columns = max(len(r) for r in rows)
+    blank = np.zeros_like(rows[0][0])
+    return np.concatenate([np.concatenate(r + [blank] * (columns - len(r)), axis=1) for r in rows], axis=0)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What can be checked without the model."""
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r} (expected one of {', '.join(SAMPLERS)})")
+    if args.n < 1 or args.steps < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise ValueError("--n, --steps and --batch-size must be positive")
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs --init-image (the image to inpaint)")
+    if args.strength is not None and not args.init_image:
+        raise ValueError("--strength applies to an --init-image")
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device available")
+
+
+def generate(args: argparse.Namespace) -> None:
+    prompts = read_prompts(args)
+    check_args(args)
+    init_image = load_image(args.init_image, "RGB") if args.init_image else None
+    mask = load_image(args.mask, "L") if args.mask else None
+    if init_image is not None:
+        height, width = init_image.shape[2:]
+        if args.size is not None and (args.size, args.size) != (height, width):
+            raise ValueError(f"--size {args.size} differs from the init image's {width}x{height}; "
+                             "leave it out or resize the image")
+        if mask is not None and mask.shape[2:] != init_image.shape[2:]:
+            raise ValueError(f"mask is {mask.shape[3]}x{mask.shape[2]} but the init image is {width}x{height}")
+    else:
+        height = width = args.size or 256
+    model = LatentDiffusion.load(args.checkpoint, device=args.device)
+
+    settings = {
+        "negative": args.negative, "sampler": args.sampler, "steps": args.steps, "guidance": args.cfg,
+        "guidance_rescale": args.guidance_rescale, "spacing": args.spacing or SAMPLERS[args.sampler].default_spacing,
+        "eta": args.eta, "size": f"{width}x{height}", "checkpoint": Path(args.checkpoint).name,
+        "checkpoint_sha256": sha256_prefix(args.checkpoint),
+    }
+    if init_image is not None:
+        settings.update(init_image=Path(args.init_image).name,
+                        strength=args.strength if args.strength is not None else (1.0 if mask is not None else 0.6))
+    if mask is not None:
+        settings.update(mask=Path(args.mask).name, repaint_resamples=args.repaint_resamples,
+                        repaint_jump=args.repaint_jump)
+
+    out = Path(args.out)
+    batch_size = args.batch_size or args.n
+    rows = []
+    for p, prompt in enumerate(prompts):
+        row = []
+        for first in range(0, args.n, batch_size):
+            count = min(batch_size, args.n - first)
+            # generate_latents validates everything before sampling: errors arrive before any write.
+            latents = generate_latents(
+                model, [prompt] * count, negative=args.negative, seed=args.seed + first, sampler=args.sampler,
+                steps=args.steps, guidance=args.cfg, guidance_rescale=args.guidance_rescale, height=height,
+                width=width, eta=args.eta, init_image=init_image, strength=args.strength, mask=mask, progress=True,
+                spacing=args.spacing, repaint_jump=args.repaint_jump, repaint_resamples=args.repaint_resamples)
+            images = to_uint8(model.decode_latents(latents))
+            out.mkdir(parents=True, exist_ok=True)
+            for k, image in enumerate(images):
+                seed = args.seed + first + k
+                params = {"prompt": prompt, "seed": seed, **settings}
+                text = {key: str(value) for key, value in params.items()}
+                text["parameters"] = json.dumps(params, sort_keys=True)
+                save_png(image, out / f"{p:03d}-seed{seed}.png", text)
+                row.append(image)
+        rows.append(row)
+    save_png(grid(rows), out / "grid.png", {"prompts": json.dumps(prompts), **{k: str(v) for k, v in settings.items()}})
+    print(f"wrote {len(prompts) * args.n} images and grid.png to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(lambda: generate(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,161 @@
+"""The stage-2 model: a text-conditioned U-Net denoising a frozen autoencoder's latents.
+
+`LatentDiffusion` bundles what sampling and training need (U-Net, text encoder, autoencoder,
+diffusion process, latent scale factor) and is saved as one safetensors file with its config in the
+metadata, so `LatentDiffusion.load(path)` needs nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autoencoder import AutoencoderConfig, build_autoencoder
+from conditioning import TextEncoderConfig, build_text_encoder
+from ldm.diffusion import Diffusion, DiffusionConfig
+from ldm.unet import UNetModel
+from training.checkpoint import CheckpointError, load_weights, read_metadata, save_weights
+from training.config import from_dict
+
+
+@dataclass
+class UNetConfig:
+    """`UNetModel` arguments, named as in the original YAML `params`. Defaults: a small text-to-image U-Net."""
+
+    image_size: int | None = None
+    in_channels: int = 4
+    model_channels: int = 128
+    out_channels: int = 4
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [4, 2])
+    dropout: float = 0.0
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    conv_resample: bool = True
+    num_heads: int = -1
+    num_head_channels: int = 32
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    use_spatial_transformer: bool = True
+    transformer_depth: int = 1
+    context_dim: int | None = None  # None: taken from the text encoder
+    legacy: bool = False
+    use_linear_in_transformer: bool = False
+    use_checkpoint: bool = False
+
+
+@dataclass
+class LatentDiffusionConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+
+class LatentDiffusion(nn.Module):
+    """U-Net + text encoder + frozen autoencoder + diffusion process.
+
+    Latents seen by the U-Net are `scale_factor * autoencoder latents`, so they have about unit
+    variance (SD: 0.18215).
+    """
+
+    def __init__(self, cfg: LatentDiffusionConfig, autoencoder: nn.Module, autoencoder_cfg: AutoencoderConfig,
+                 scale_factor: float):
+        super().__init__()
+        self.cfg, self.autoencoder_cfg, self.scale_factor = cfg, autoencoder_cfg, float(scale_factor)
+        self.text_encoder = build_text_encoder(cfg.text)
+        unet_args = asdict(cfg.unet)
+        if unet_args["context_dim"] is None:
+            unet_args["context_dim"] = self.text_encoder.context_dim
+        if unet_args["context_dim"] != self.text_encoder.context_dim:
+            raise ValueError(f"unet.context_dim {unet_args['context_dim']} does not match the text encoder's "
+                             f"width {self.text_encoder.context_dim}")
+        latent_channels = autoencoder_cfg.embed_dim
+        out_channels = latent_channels * (2 if cfg.diffusion.learn_sigma else 1)
+        if cfg.unet.in_channels != latent_channels or cfg.unet.out_channels != out_channels:
+            raise ValueError(f"unet in/out channels must be {latent_channels}/{out_channels} for this autoencoder "
+                             f"(embed_dim {latent_channels}, learn_sigma {cfg.diffusion.learn_sigma}); "
+                             f"got {cfg.unet.in_channels}/{cfg.unet.out_channels}")
+        self.unet = UNetModel(**unet_args)
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.diffusion = Diffusion.from_config(cfg.diffusion)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder_cfg.embed_dim
+
+    @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for kl-f8)."""
+        return self.autoencoder.downsample_factor
+
+    def to(self, *args, **kwargs):
+        module = super().to(*args, **kwargs)
+        self.diffusion.to(next(self.unet.parameters()).device)
+        return module
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> cross-attention context [B, L, context_dim]."""
+        return self.text_encoder(list(prompts))
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, sample: bool = True,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f]."""
+        return self.autoencoder.encode_latents(images, sample=sample, generator=generator) * self.scale_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [B, C, h, w] -> images [B, 3, h*f, w*f] in about [-1, 1]."""
+        return self.autoencoder.decode_latents(latents / self.scale_factor)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+        """The U-Net's prediction at noisy latents x_t [B, C, h, w], timesteps t [B], context [B, L, D]."""
+        return self.unet(x_t, t, context=context, **unet_kwargs)
+
+    # -- one-file checkpoints -------------------------------------------------------------------
+
+    def save(self, path: str | Path, unet_state: dict[str, torch.Tensor] | None = None,
+             text_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write U-Net, text encoder (when it trains or carries no pretrained source) and autoencoder
+        weights plus configs to one safetensors file. `unet_state` / `text_state` replace the live
+        weights (e.g. with EMA ones)."""
+        tensors = {f"unet.{k}": v for k, v in (unet_state or self.unet.state_dict()).items()}
+        if self._stores_text_encoder():
+            tensors.update({f"text_encoder.{k}": v for k, v in (text_state or self.text_encoder.state_dict()).items()})
+        tensors.update({f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()})
+        save_weights(tensors, path, {"format": "ldm-stage2", "config": asdict(self.cfg),
+                                     "autoencoder": asdict(self.autoencoder_cfg), "scale_factor": self.scale_factor})
+
+    def _stores_text_encoder(self) -> bool:
+        trains = any(p.requires_grad for p in self.text_encoder.parameters())
+        return trains or self.cfg.text.kind == "transformer" or not self.cfg.text.pretrained
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> LatentDiffusion:
+        """Rebuild a model written by `save`; a file of another kind is a clear CheckpointError."""
+        meta = read_metadata(path)
+        if meta.get("format") != "ldm-stage2":
+            raise CheckpointError(f"{path}: not a stage-2 model file written by train_stage2.py (no ldm-stage2 metadata)")
+        cfg = from_dict(LatentDiffusionConfig, meta["config"], source=str(path))
+        ae_cfg = from_dict(AutoencoderConfig, meta["autoencoder"], source=str(path))
+        model = cls(cfg, build_autoencoder(ae_cfg), ae_cfg, meta["scale_factor"])
+        weights = load_weights(path)
+        for prefix, module in (("unet.", model.unet), ("autoencoder.", model.autoencoder),
+                               ("text_encoder.", model.text_encoder)):
+            state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+            if prefix == "text_encoder." and not state:
+                continue  # a frozen pretrained encoder, rebuilt from its own source above
+            _load_strict(module, state, path, prefix)
+        return model.to(device).eval()
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path, prefix: str) -> None:
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: '{prefix}*' weights do not fit: {str(e).strip().splitlines()[-1].strip()}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path}: '{prefix}*' weights do not fit ({len(result.missing_keys)} missing, e.g. "
+                              f"{result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, e.g. "
+                              f"{result.unexpected_keys[:3]})")

@@ -1,0 +1,490 @@
+"""Samplers for discrete-time diffusion models, written as short loops over a `Denoiser`.
+
+Two families, by the space the state x lives in:
+
+- timestep samplers (DDPM, DDIM, PLMS) keep the variance-preserving state x_t of the schedule and
+  step between integer timesteps, as the original DDPM/LDM code does;
+- sigma samplers (Euler, Heun, DPM-Solver++(2M)) follow k-diffusion/EDM and keep the
+  variance-exploding state x = x_t / sqrt(a) with noise level sigma = sqrt((1 - a) / a), ending at
+  sigma = 0. A sigma between two table entries is given to the network as a fractional timestep
+  found by interpolating the table's log-sigmas (`NoiseLevels`).
+
+Every sampler takes the starting state, a decreasing sequence of levels (timesteps or sigmas, see
+`make_timesteps` / `make_sigmas`), and optionally: per-image CPU generators for all fresh noise
+(image i of a batch then depends only on its own generator), `before_step(i, x) -> x` (inpainting
+re-imposes known content there), `callback(i, x, x0)` after each step, and a tqdm bar.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .diffusion import Diffusion
+from .schedule import NoiseSchedule
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x_t [B, C, ...], t [B] float) -> raw network output
+Generators = torch.Generator | Sequence[torch.Generator] | None
+BeforeStep = Callable[[int, Tensor], Tensor]
+Callback = Callable[[int, Tensor, Tensor], None]
+
+TIMESTEP_SPACINGS = ("uniform", "leading", "trailing", "linspace")
+SIGMA_SPACINGS = ("karras", *TIMESTEP_SPACINGS)
+# A zero-terminal-SNR schedule has sigma = inf at its last step; the sigma samplers start from this
+# finite stand-in (alpha_bar = 2^-24, as diffusers does) instead.
+ZERO_SNR_SIGMA_MAX = 4096.0
+
+
+# -- prediction targets in terms of the noise level ------------------------------------------------
+
+def eps_x0_from_output(out: Tensor, x_t: Tensor, alpha_bar: Tensor | float,
+                       parameterization: str) -> tuple[Tensor, Tensor]:
+    """(eps, x0) implied by a network output at x_t with x_t = sqrt(a) x0 + sqrt(1 - a) eps.
+
+    The same conversions as `ldm.diffusion.predict_eps/predict_x0`, written in terms of a = alpha_bar
+    (a float or a tensor broadcasting against x_t) so they also hold between table entries.
+    """
+    a = torch.as_tensor(alpha_bar, dtype=x_t.dtype, device=x_t.device)
+    sqrt_a, sqrt_1ma = a.sqrt(), (1 - a).sqrt()
+    if parameterization == "eps":
+        return out, (x_t - sqrt_1ma * out) / sqrt_a
+    if parameterization == "x0":
+        return (x_t - sqrt_a * out) / sqrt_1ma, out
+    if parameterization == "v":
+        return sqrt_a * out + sqrt_1ma * x_t, sqrt_a * x_t - sqrt_1ma * out
+    raise ValueError(f"unknown parameterization {parameterization!r} (expected 'eps', 'x0' or 'v')")
+
+
+def output_from_eps_x0(eps: Tensor, x0: Tensor, alpha_bar: Tensor | float, parameterization: str) -> Tensor:
+    """Inverse of `eps_x0_from_output`: what a network of `parameterization` outputs for (eps, x0)."""
+    if parameterization == "eps":
+        return eps
+    if parameterization == "x0":
+        return x0
+    a = torch.as_tensor(alpha_bar, dtype=x0.dtype, device=x0.device)
+    return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+class NoiseLevels:
+    """Conversions between timesteps, alpha-bar and sigma for a discrete schedule.
+
+    sigma(t) for fractional t interpolates log-sigma linearly between table entries, and
+    `sigma_to_t` inverts it; integer t gives the table values exactly.
+    """
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.alphas_cumprod = schedule.alphas_cumprod.double().cpu()
+        sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        self.sigmas = torch.where(torch.isfinite(sigmas), sigmas, torch.tensor(ZERO_SNR_SIGMA_MAX, dtype=torch.float64))
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def t_to_sigma(self, t: Tensor | float) -> Tensor:
+        """sigma at (possibly fractional) timesteps t in [0, T - 1], float64 with t's shape."""
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_timesteps - 2)
+        w = t - low
+        return torch.lerp(self.log_sigmas[low], self.log_sigmas[low + 1], w).exp()
+
+    def sigma_to_t(self, sigma: Tensor | float) -> Tensor:
+        """The fractional timestep whose interpolated sigma is `sigma` (clamped to the table's range)."""
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+        low = (torch.searchsorted(self.log_sigmas, log_sigma) - 1).clamp(0, self.num_timesteps - 2)
+        lo, hi = self.log_sigmas[low], self.log_sigmas[low + 1]
+        return low + ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+
+    def alpha_bar(self, t: Tensor | float) -> Tensor:
+        """alpha_bar at timesteps t, float64: the table value at integer t, interpolated otherwise."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        exact = self.alphas_cumprod[t.round().long().clamp(0, self.num_timesteps - 1)]
+        return torch.where(t == t.round(), exact, 1 / (1 + self.t_to_sigma(t) ** 2))
+
+
+class Denoiser:
+    """A network as the samplers see it: raw output, (eps, x0) at timestep t, or x0 at sigma.
+
+    model_fn(x_t, t) returns the raw output (guidance included, see `ldm.guidance`); its
+    parameterization and the variance channels (learn_sigma) come from `diffusion`.
+    """
+
+    def __init__(self, model_fn: ModelFn, diffusion: Diffusion):
+        self.model_fn = model_fn
+        self.diffusion = diffusion
+        self.levels = NoiseLevels(diffusion.schedule)
+
+    def output(self, x_t: Tensor, t: float | Tensor) -> Tensor:
+        """Raw network output [B, C or 2C, ...] at one timestep shared by the batch."""
+        timesteps = torch.full((x_t.shape[0],), float(t), device=x_t.device)
+        return self.model_fn(x_t, timesteps)
+
+    def _predict(self, x_t: Tensor, t: float | Tensor, alpha_bar: float) -> tuple[Tensor, Tensor]:
+        out = self.output(x_t, t)
+        if self.diffusion.learn_sigma:
+            out = out[:, : x_t.shape[1]]
+        return eps_x0_from_output(out, x_t, alpha_bar, self.diffusion.parameterization)
+
+    def predict(self, x_t: Tensor, t: int | float) -> tuple[Tensor, Tensor]:
+        """(eps, x0) predicted at the variance-preserving state x_t [B, C, ...] and timestep t."""
+        return self._predict(x_t, t, float(self.levels.alpha_bar(t)))
+
+    def denoise(self, x: Tensor, sigma: float) -> Tensor:
+        """x0 predicted at the variance-exploding state x = x_t / sqrt(a) with noise level sigma."""
+        scale = (1 + sigma**2) ** -0.5  # = sqrt(a)
+        _, x0 = self._predict(x * scale, self.levels.sigma_to_t(sigma), scale**2)
+        return x0
+
+
+# -- levels -----------------------------------------------------------------------------------------
+
+def make_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
+    """`steps` integer timesteps in decreasing order.
+
+    - "uniform": LDM's DDIM spacing, c = T // S and t = 0, c, 2c, ... plus 1 (50 of 1000: 981 .. 1).
+      LDM takes every multiple of c below T, more than S steps when S does not divide T; this keeps
+      exactly S, like diffusers' "leading" with steps_offset=1.
+    - "leading": 0, c, 2c, ... (diffusers' default, steps_offset=0).
+    - "trailing": round(T - k T / S) - 1 for k < S; always starts at T - 1 (999 .. 19).
+    - "linspace": round(linspace(0, T - 1, S)): both ends, improved DDPM's respacing.
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must lie in [1, {num_timesteps}], got {steps}")
+    if spacing in ("uniform", "leading"):
+        offset = 1 if spacing == "uniform" else 0
+        ts = [k * (num_timesteps // steps) + offset for k in range(steps)]
+        if ts[-1] >= num_timesteps:
+            raise ValueError(f"spacing 'uniform' with {steps} of {num_timesteps} steps would reach t = {ts[-1]}; "
+                             "use 'leading', 'trailing' or 'linspace'")
+    elif spacing == "trailing":
+        ts = [round(num_timesteps - k * num_timesteps / steps) - 1 for k in range(steps)][::-1]
+    elif spacing == "linspace" and steps == 1:
+        ts = [num_timesteps - 1]  # a single step must start from noise, not from t = 0
+    elif spacing == "linspace":
+        ts = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().long().tolist()
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r} (expected one of {', '.join(TIMESTEP_SPACINGS)})")
+    if len(set(ts)) != len(ts):
+        raise ValueError(f"spacing {spacing!r} gives repeated timesteps for {steps} steps")
+    return ts[::-1]
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> Tensor:
+    """EDM's noise levels (Karras et al. 2022, eq. 5): `steps` sigmas from sigma_max down to sigma_min,
+    evenly spaced in sigma^(1/rho), then a final 0. float64 [steps + 1]."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def make_sigmas(levels: NoiseLevels, steps: int, spacing: str = "karras", rho: float = 7.0) -> Tensor:
+    """Decreasing noise levels for the sigma samplers, float64 [steps + 1] ending in 0.
+
+    "karras": EDM's rho-spacing between the table's smallest and largest sigma; any timestep spacing
+    of `make_timesteps`: the table sigmas at those timesteps.
+    """
+    if spacing == "karras":
+        if steps < 1:
+            raise ValueError(f"steps must be positive, got {steps}")
+        if steps == 1:
+            return torch.tensor([levels.sigma_max, 0.0], dtype=torch.float64)
+        return karras_sigmas(levels.sigma_min, levels.sigma_max, steps, rho)
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown sigma spacing {spacing!r} (expected one of {', '.join(SIGMA_SPACINGS)})")
+    sigmas = levels.sigmas[make_timesteps(levels.num_timesteps, steps, spacing)]
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def final_alphas(levels: NoiseLevels, timesteps: Sequence[int]) -> list[float]:
+    """alpha_bar at each timestep and after the last step [len + 1].
+
+    The level after the last step is alphas_cumprod[0] (LDM's alphas_prev; diffusers'
+    set_alpha_to_one=False), not 1: the output keeps the t = 0 noise level.
+    """
+    return [float(levels.alphas_cumprod[t]) for t in timesteps] + [float(levels.alphas_cumprod[0])]
+
+
+# -- noise ------------------------------------------------------------------------------------------
+
+def randn(shape: Sequence[int], generators: Generators, device: torch.device | str = "cpu",
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise [B, ...], drawn on the CPU so every device gets the same numbers.
+    A list of B generators gives image i its own stream (batch invariance)."""
+    if generators is None or isinstance(generators, torch.Generator):
+        noise = torch.randn(tuple(shape), generator=generators, dtype=dtype)
+    else:
+        if len(generators) != shape[0]:
+            raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
+        noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generators])
+    return noise.to(device)
+
+
+def randn_like(x: Tensor, generators: Generators) -> Tensor:
+    """`randn` shaped like x [B, ...], on its device and in its dtype."""
+    return randn(x.shape, generators, x.device, x.dtype)
+
+
+def renoise(x: Tensor, alpha_from: float, alpha_to: float, generators: Generators) -> Tensor:
+    """Sample q(x_high | x_low): forward-diffuse a variance-preserving state to a noisier level."""
+    ratio = alpha_to / alpha_from
+    return ratio**0.5 * x + (1 - ratio) ** 0.5 * randn_like(x, generators)
+
+
+def repaint_path(steps: int, jump_length: int, resamples: int) -> list[int]:
+    """RePaint's schedule (Lugmayr et al. 2022) as level indices 0 .. steps (steps = done).
+
+    After every `jump_length` denoising steps the state is diffused back up `jump_length` levels and
+    denoised again, `resamples - 1` extra times. resamples = 1 gives 0, 1, ..., steps.
+    """
+    if jump_length < 1 or resamples < 1:
+        raise ValueError(f"RePaint needs jump_length >= 1 and resamples >= 1, got {jump_length}, {resamples}")
+    jumps_left = {k: resamples - 1 for k in range(jump_length, steps, jump_length)}
+    path, i = [0], 0
+    while i < steps:
+        i += 1
+        path.append(i)
+        if jumps_left.get(i, 0) > 0:
+            jumps_left[i] -= 1
+            i -= jump_length
+            path.append(i)
+    return path
+
+
+def _steps(path: Sequence[int], progress: bool):
+    """Consecutive (from, to) level pairs of a path, with an optional progress bar."""
+    return tqdm(list(zip(path[:-1], path[1:])), disable=not progress, leave=False)
+
+
+# -- timestep samplers ------------------------------------------------------------------------------
+
+def ddim_update(x0: Tensor, eps: Tensor, alpha: float, alpha_prev: float, eta: float, noise: Tensor | None) -> Tensor:
+    """One DDIM step (Song et al. 2021, eq. 12) from level alpha to alpha_prev.
+
+    sigma = eta sqrt((1 - a_prev) / (1 - a) (1 - a / a_prev)); eta = 0 is deterministic, 1 is DDPM-like.
+    """
+    sigma = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)) ** 0.5 if eta else 0.0
+    x = alpha_prev**0.5 * x0 + max(1 - alpha_prev - sigma**2, 0.0) ** 0.5 * eps
+    return x + sigma * noise if sigma else x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, x: Tensor, timesteps: Sequence[int], *, eta: float = 0.0,
+                generators: Generators = None, before_step: BeforeStep | None = None,
+                callback: Callback | None = None, progress: bool = False,
+                path: Sequence[int] | None = None) -> Tensor:
+    """DDIM from x_t [B, C, ...] at timesteps[0] down through `timesteps` (decreasing).
+
+    `path` (see `repaint_path`) may revisit levels; going up re-noises the state.
+    """
+    alphas = final_alphas(denoiser.levels, timesteps)
+    for i, j in _steps(path or range(len(timesteps) + 1), progress):
+        if j < i:
+            x = renoise(x, alphas[i], alphas[j], generators)
+            continue
+        if before_step is not None:
+            x = before_step(i, x)
+        eps, x0 = denoiser.predict(x, timesteps[i])
+        noise = randn_like(x, generators) if eta else None
+        x = ddim_update(x0, eps, alphas[i], alphas[j], eta, noise)
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
+def respaced_diffusion(diffusion: Diffusion, timesteps: Sequence[int]) -> Diffusion:
+    """The diffusion restricted to a subset of timesteps (improved DDPM's respacing).
+
+    The kept alpha_bars define new betas 1 - a_k / a_{k-1}; fixed and learned variances are then
+    those of the shorter chain. Index k of the result is timestep sorted(timesteps)[k].
+    """
+    alphas = diffusion.schedule.alphas_cumprod.double().cpu()[sorted(timesteps)]
+    betas = 1 - alphas / torch.cat([alphas.new_ones(1), alphas[:-1]])
+    return Diffusion(NoiseSchedule(betas), parameterization=diffusion.parameterization,
+                     learn_sigma=diffusion.learn_sigma, fixed_variance=diffusion.fixed_variance)
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser: Denoiser, x: Tensor, timesteps: Sequence[int], *, generators: Generators = None,
+                before_step: BeforeStep | None = None, callback: Callback | None = None, progress: bool = False,
+                path: Sequence[int] | None = None) -> Tensor:
+    """Ancestral sampling of p(x_{t-1} | x_t) with the model's variance (fixed small/large or learned).
+
+    With fewer timesteps than the schedule has, the chain is respaced; the last step returns the mean.
+    """
+    respaced = respaced_diffusion(denoiser.diffusion, timesteps)
+    alphas = [float(a) for a in respaced.schedule.alphas_cumprod.flip(0)] + [1.0]
+    n = len(timesteps)
+    for i, j in _steps(path or range(n + 1), progress):
+        if j < i:
+            x = renoise(x, alphas[i], alphas[j], generators)
+            continue
+        if before_step is not None:
+            x = before_step(i, x)
+        out = denoiser.output(x, timesteps[i])
+        k = torch.full((x.shape[0],), n - 1 - i, device=x.device)
+        p = respaced.p_mean_variance(out, x, k)
+        x = p["mean"].to(x.dtype)
+        if i < n - 1:
+            x = x + (0.5 * p["log_variance"]).exp().to(x.dtype) * randn_like(x, generators)
+        if callback is not None:
+            callback(i, x, p["pred_x0"])
+    return x
+
+
+PLMS_COEFFICIENTS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def adams_bashforth(history: Sequence[Tensor]) -> Tensor:
+    """Linear multistep combination of the last 2-4 eps predictions (oldest first, newest last),
+    integrating exactly a polynomial of degree len - 1 through them over the next step."""
+    coefficients = PLMS_COEFFICIENTS[len(history)]
+    return sum(c * e for c, e in zip(coefficients, reversed(history)))
+
+
+@torch.no_grad()
+def sample_plms(denoiser: Denoiser, x: Tensor, timesteps: Sequence[int], *, generators: Generators = None,
+                before_step: BeforeStep | None = None, callback: Callback | None = None,
+                progress: bool = False) -> Tensor:
+    """Pseudo linear multistep (Liu et al. 2022), as in LDM: an improved-Euler first step (two
+    evaluations), then Adams-Bashforth of order 2, 3, 4 on eps; deterministic (eta = 0)."""
+    alphas = final_alphas(denoiser.levels, timesteps)
+    if alphas[0] == 0:
+        raise ValueError("plms needs x0 from eps at every step; a zero-terminal-SNR schedule has none at t = T - 1")
+
+    def step(x: Tensor, eps: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        x0 = (x - (1 - alphas[i]) ** 0.5 * eps) / alphas[i] ** 0.5
+        return ddim_update(x0, eps, alphas[i], alphas[i + 1], 0.0, None), x0
+
+    history: list[Tensor] = []
+    for i, _ in _steps(range(len(timesteps) + 1), progress):
+        if before_step is not None:
+            x = before_step(i, x)
+        eps, _ = denoiser.predict(x, timesteps[i])
+        if history:
+            eps_prime = adams_bashforth([*history[-3:], eps])
+        elif i + 1 < len(timesteps):
+            x_euler, _ = step(x, eps, i)
+            eps_prime = (eps + denoiser.predict(x_euler, timesteps[i + 1])[0]) / 2
+        else:
+            eps_prime = eps
+        x, x0 = step(x, eps_prime, i)
+        history.append(eps)
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
+# -- sigma samplers ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: Generators = None,
+                 before_step: BeforeStep | None = None, callback: Callback | None = None,
+                 progress: bool = False) -> Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (EDM)."""
+    sigmas = sigmas.tolist()
+    for i, _ in _steps(range(len(sigmas)), progress):
+        if before_step is not None:
+            x = before_step(i, x)
+        denoised = denoiser.denoise(x, sigmas[i])
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        if callback is not None:
+            callback(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: Generators = None,
+                before_step: BeforeStep | None = None, callback: Callback | None = None,
+                progress: bool = False) -> Tensor:
+    """Heun's second-order method (EDM, Algorithm 1 without churn); the last step to 0 is Euler."""
+    sigmas = sigmas.tolist()
+    for i, _ in _steps(range(len(sigmas)), progress):
+        if before_step is not None:
+            x = before_step(i, x)
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser.denoise(x, sigma)
+        d = (x - denoised) / sigma
+        x_next = x + d * (sigma_next - sigma)
+        if sigma_next > 0:
+            d_next = (x_next - denoiser.denoise(x_next, sigma_next)) / sigma_next
+            x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
+        x = x_next
+        if callback is not None:
+            callback(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: Generators = None,
+                    before_step: BeforeStep | None = None, callback: Callback | None = None,
+                    progress: bool = False) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order, in data prediction.
+
+    With lambda = -log sigma and h the step in lambda, x_next = (sigma_next / sigma) x + (1 - e^-h) D,
+    where D is the x0 prediction, extrapolated from the previous one after the first step. The last
+    step (to sigma = 0) is first order and returns D.
+    """
+    sigmas = sigmas.tolist()
+    previous = None
+    for i, _ in _steps(range(len(sigmas)), progress):
+        if before_step is not None:
+            x = before_step(i, x)
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser.denoise(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma / sigma_next)
+            d = denoised
+            if previous is not None:
+                r = math.log(sigmas[i - 1] / sigma) / h
+                d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * previous
+            x = sigma_next / sigma * x - math.expm1(-h) * d
+        previous = denoised
+        if callback is not None:
+            callback(i, x, denoised)
+    return x
+
+
+# -- registry ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How to run a sampler: its loop, the space its state lives in, its default level spacing,
+    and whether it can follow a RePaint path (go back up)."""
+
+    sample: Callable[..., Tensor]
+    space: str  # "timestep" (x_t, integer timesteps) or "sigma" (x_t / sqrt(a), sigmas ending at 0)
+    default_spacing: str
+    resampling: bool = False
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(sample_ddpm, "timestep", "linspace", resampling=True),
+    "ddim": SamplerSpec(sample_ddim, "timestep", "uniform", resampling=True),
+    "plms": SamplerSpec(sample_plms, "timestep", "uniform"),
+    "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, "sigma", "karras"),
+    "euler": SamplerSpec(sample_euler, "sigma", "karras"),
+    "heun": SamplerSpec(sample_heun, "sigma", "karras"),
+}
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    """The registry entry for `name`, or a ValueError listing the known samplers."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r} (expected one of {', '.join(SAMPLERS)})")
+    return SAMPLERS[name]

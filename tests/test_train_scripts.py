@@ -1,0 +1,144 @@
+"""train_stage1.py and train_stage2.py end to end on tiny configs: outputs, resume, cache, errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train_stage1
+import train_stage2
+from autoencoder.model_file import load_autoencoder
+from ldm.latent_cache import fingerprint
+from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
+from conditioning import TextEncoderConfig
+from data import DataConfig
+from training.checkpoint import load_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stage1_config(tmp_path: Path) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs/autoencoder/tiny-kl.yaml").read_text())
+    cfg["data"] = {"source": "shapes", "size": 32, "shapes_length": 16}
+    cfg["train"] = {"output_dir": str(tmp_path / "stage1"), "batch_size": 4, "max_steps": 3, "log_every": 1}
+    cfg["optim"] = {"lr": 1e-3}
+    cfg["scale_factor_batches"] = 2
+    path = tmp_path / "stage1.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(module, argv, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["prog", *map(str, argv)])
+    module.main()
+
+
+@pytest.fixture(scope="module")
+def stage1_file(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("s1")
+    with pytest.MonkeyPatch.context() as mp:
+        _run(train_stage1, ["--config", _stage1_config(tmp_path)], mp)
+    return tmp_path / "stage1" / "autoencoder.safetensors"
+
+
+def test_stage1_writes_autoencoder_with_scale_factor(stage1_file):
+    model, cfg, scale = load_autoencoder(stage1_file)
+    assert cfg.kind == "kl" and cfg.embed_dim == 4
+    assert 0.01 < scale < 100
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = model.encode_latents(x, sample=False)
+    assert z.shape == (2, 4, 16, 16)
+    assert model.decode_latents(z).shape == x.shape
+
+
+def _stage2(tmp_path, stage1_file, monkeypatch, out, *extra, resume=False):
+    argv = ["--config", ROOT / "configs/ldm/tiny.yaml", "--first-stage", stage1_file,
+            f"train.output_dir={tmp_path / out}", "train.max_steps=4", "train.checkpoint_every=2",
+            "train.ema_decay=0.9", "data.shapes_length=16", "train.batch_size=4",
+            "latent_cache=true", f"latent_cache_dir={tmp_path / 'cache'}", *extra]
+    if resume:
+        argv.append("--resume")
+    _run(train_stage2, argv, monkeypatch)
+    return tmp_path / out
+
+
+def test_stage2_resume_is_exact_and_exports_ema(tmp_path, stage1_file, monkeypatch):
+    straight = _stage2(tmp_path, stage1_file, monkeypatch, "a")
+    _stage2(tmp_path, stage1_file, monkeypatch, "b", "train.max_steps=2")
+    resumed = _stage2(tmp_path, stage1_file, monkeypatch, "b", resume=True)
+    a = load_weights(straight / "checkpoints/step_00000004/unet.safetensors")
+    b = load_weights(resumed / "checkpoints/step_00000004/unet.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The exported model samples with the EMA weights.
+    ema = load_weights(straight / "checkpoints/step_00000004/ema.safetensors")
+    model = LatentDiffusion.load(straight / "model.safetensors")
+    exported = model.unet.state_dict()
+    assert all(torch.equal(exported[k], ema[f"unet.{k}"]) for k in exported)
+    assert not all(torch.equal(exported[k], a[k]) for k in exported)
+
+
+def test_latent_cache_follows_stage1_file(tmp_path, stage1_file):
+    data = DataConfig(source="shapes", size=32, shapes_length=16)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(stage1_file.read_bytes())
+    assert fingerprint(copy, data) == fingerprint(stage1_file, data)
+    copy.write_bytes(stage1_file.read_bytes() + b" ")
+    assert fingerprint(copy, data) != fingerprint(stage1_file, data)
+    assert fingerprint(stage1_file, data) != fingerprint(stage1_file, DataConfig(source="shapes", size=32, seed=1))
+
+
+def test_text_conditioned_model_overfits_a_few_latents(stage1_file):
+    torch.manual_seed(0)
+    ae, ae_cfg, scale = load_autoencoder(stage1_file)
+    cfg = LatentDiffusionConfig(
+        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                        attention_resolutions=[2], num_head_channels=16),
+        text=TextEncoderConfig(kind="transformer", n_embed=32, n_layer=1, n_head=2))
+    model = LatentDiffusion(cfg, ae, ae_cfg, scale).train()
+    latents = torch.randn(4, 4, 8, 8)
+    captions = ["red circle", "blue square", "green triangle", "red circle"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (64, 4), generator=g)
+    noise = torch.randn(64, *latents.shape, generator=g)
+
+    def loss_at(i):
+        terms = model.diffusion.training_losses(model, latents, {"context": model.encode_text(captions)},
+                                                t=t[i % 64], noise=noise[i % 64])
+        return terms["loss"].mean()
+
+    with torch.no_grad():
+        before = sum(loss_at(i).item() for i in range(64)) / 64
+    for i in range(150):
+        opt.zero_grad()
+        loss_at(i).backward()
+        opt.step()
+    with torch.no_grad():
+        after = sum(loss_at(i).item() for i in range(64)) / 64
+    assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
+    ("model.unet.channel_mult=7", "'model.unet.channel_mult' must be a list"),
+])
+def test_cli_config_errors_are_one_line(tmp_path, stage1_file, override, message):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train_stage2.py"), "--config", str(ROOT / "configs/ldm/tiny.yaml"),
+         "--first-stage", str(stage1_file), override],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_cli_missing_first_stage(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train_stage2.py"), "--config", str(ROOT / "configs/ldm/tiny.yaml"),
+         "--first-stage", str(tmp_path / "none.safetensors")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'none.safetensors'}"

@@ -1,0 +1,128 @@
+"""Stage 1: train a KL- or VQ-regularised autoencoder with L1 + LPIPS + a PatchGAN discriminator.
+
+    python train_stage1.py --config configs/autoencoder/kl-f4-emoji64.yaml [--resume] [key=value ...]
+
+Writes checkpoints under train.output_dir and, at the end, `autoencoder.safetensors`: the weights
+(EMA ones when train.ema_decay is set) with the model config and the measured latent scale factor
+in its metadata, which stage 2 reads.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from autoencoder import build_autoencoder, build_autoencoder_loss, measure_scale_factor
+from autoencoder.model_file import save_autoencoder
+from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig
+from data import DataConfig, build_dataset
+from training import TrainConfig, TrainingTask, load_config, train
+from training.checkpoint import load_weights
+from training.cli import run, train_parser
+from training.config import to_dict
+from training.loop import seed_everything
+
+log = logging.getLogger("train_stage1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4.5e-6
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+
+
+@dataclass
+class Stage1Config:
+    model: AutoencoderConfig
+    loss: AutoencoderLossConfig
+    data: DataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scale_factor_batches: int = 8  # batches of latents to measure 1/std over at the end
+
+
+class AutoencoderTask(TrainingTask):
+    """Generator step (autoencoder + learned logvar), then discriminator step, per batch."""
+
+    def __init__(self, cfg: Stage1Config):
+        self.cfg = cfg
+        self.autoencoder = build_autoencoder(cfg.model)
+        self.loss = build_autoencoder_loss(cfg.loss)
+
+    def setup(self, accelerator) -> None:
+        self.device = accelerator.device
+        self.autoencoder.to(self.device).train()
+        self.loss.to(self.device).train()
+        betas = tuple(self.cfg.optim.betas)
+        # The original left the learned logvar out of the optimizer; here it trains with the autoencoder.
+        opt_ae = torch.optim.Adam([*self.autoencoder.parameters(), *self.loss.autoencoder_parameters()],
+                                  lr=self.cfg.optim.lr, betas=betas)
+        opt_disc = torch.optim.Adam(self.loss.discriminator_parameters(), lr=self.cfg.optim.lr, betas=betas)
+        opt_ae, opt_disc = accelerator.prepare(opt_ae, opt_disc)
+        self.modules = {"autoencoder": self.autoencoder, "loss": self.loss}
+        self.optimizers = {"autoencoder": opt_ae, "discriminator": opt_disc}
+        self.schedulers = {}
+        self.ema_target = self.autoencoder
+
+    def training_step(self, batch, step):
+        x = batch["image"]
+        x_hat, reg = self.autoencoder(x)
+        loss, logs = self.loss.generator_loss(x, x_hat, reg, step, self.autoencoder.get_last_layer())
+        yield "autoencoder", loss, logs
+        if self.loss.discriminator_active(step):
+            d_loss, d_logs = self.loss.discriminator_loss(x, x_hat.detach(), step)
+            yield "discriminator", d_loss, d_logs
+
+    @torch.no_grad()
+    def images(self, batch, ema):
+        model = ema.shadow if ema is not None else self.autoencoder
+        x = batch["image"][:8]
+        was_training = model.training
+        model.eval()
+        x_hat = model(x)[0]
+        model.train(was_training)
+        return {"reconstruction": torch.cat([x, x_hat])}
+
+
+def main() -> None:
+    parser = train_parser(__doc__.splitlines()[0])
+    args = parser.parse_args()
+    cfg = load_config(args.config, Stage1Config, args.overrides)
+    seed_everything(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    dataset = build_dataset(cfg.data)
+    task = AutoencoderTask(cfg)
+    last = train(task, dataset, cfg.train, resume=args.resume)
+
+    model = task.autoencoder
+    if cfg.train.ema_decay and last is not None:  # export the EMA weights
+        model.load_state_dict(load_weights(last / "ema.safetensors"))
+    model.eval()
+    batches = _scale_batches(dataset, cfg, next(model.parameters()).device)
+    g = torch.Generator(next(model.parameters()).device).manual_seed(cfg.train.seed)
+    scale = measure_scale_factor(lambda x: model.encode_latents(x, sample=True, generator=g), batches)
+    save_autoencoder(model, cfg.model, out / "autoencoder.safetensors", scale_factor=scale)
+    log.info("latent scale factor %.5f; wrote %s", scale, out / "autoencoder.safetensors")
+
+
+def _scale_batches(dataset, cfg: Stage1Config, device):
+    """A fixed, shuffled selection of training batches to measure the latent std on."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    shuffle = not isinstance(dataset, IterableDataset)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=shuffle,
+                        generator=torch.Generator().manual_seed(cfg.train.seed), num_workers=cfg.train.num_workers)
+    for i, batch in enumerate(loader):
+        if i == cfg.scale_factor_batches:
+            return
+        yield batch["image"].to(device)
+
+
+if __name__ == "__main__":
+    run(main)

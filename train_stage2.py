@@ -1,0 +1,169 @@
+"""Stage 2: train a text-conditioned U-Net as a DDPM in a frozen autoencoder's latent space.
+
+    python train_stage2.py --config configs/ldm/emoji64.yaml --first-stage runs/ae/autoencoder.safetensors \
+        [--resume] [key=value ...]
+
+Writes checkpoints under train.output_dir and, at the end, `model.safetensors`: U-Net (EMA weights
+when train.ema_decay is set), text encoder and autoencoder with their configs, ready for generate.py.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from autoencoder.model_file import load_autoencoder
+from conditioning import drop_captions
+from data import DataConfig, build_dataset
+from ldm.latent_cache import fingerprint, latent_cache
+from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from training import TrainConfig, TrainingTask, load_config, train
+from training.checkpoint import load_weights
+from training.cli import run, train_parser
+from training.config import to_dict
+from training.loop import seed_everything
+
+log = logging.getLogger("train_stage2")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+
+
+@dataclass
+class SampleConfig:
+    """Image grids written every train.image_every steps: fixed prompts and seeds, EMA weights."""
+
+    prompts: list[str] = field(default_factory=list)
+    seed: int = 0
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance: float = 5.0
+
+
+@dataclass
+class Stage2Config:
+    model: LatentDiffusionConfig
+    data: DataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    samples: SampleConfig = field(default_factory=SampleConfig)
+    caption_dropout: float = 0.1  # captions replaced by "", the unconditional input of guidance
+    scale_factor: float | None = None  # None: from the stage-1 file's metadata
+    latent_cache: bool = False
+    latent_cache_dir: str = "runs/latent_cache"
+
+
+class LatentDiffusionTask(TrainingTask):
+    """One AdamW optimizer over the U-Net (and a trainable text encoder), linear warm-up."""
+
+    def __init__(self, cfg: Stage2Config, model: LatentDiffusion):
+        self.cfg, self.model = cfg, model
+        trainable = {"unet": model.unet}
+        if any(p.requires_grad for p in model.text_encoder.parameters()):
+            trainable["text_encoder"] = model.text_encoder
+        self.trainable = nn.ModuleDict(trainable)
+
+    def setup(self, accelerator) -> None:
+        self.device = accelerator.device
+        self.model.to(self.device)
+        self.trainable.train()
+        opt = torch.optim.AdamW([p for p in self.trainable.parameters() if p.requires_grad], lr=self.cfg.optim.lr,
+                                betas=tuple(self.cfg.optim.betas), weight_decay=self.cfg.optim.weight_decay)
+        warmup = max(1, self.cfg.optim.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        self.optimizers = {"unet": accelerator.prepare(opt)}
+        self.schedulers = {"unet": sched}
+        self.modules = dict(self.trainable.items())
+        self.ema_target = self.trainable
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        """Scaled latents [B, C, h, w]: a fresh posterior sample, from the cache or the images."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+            return (mean + std * torch.randn_like(mean)) * self.model.scale_factor
+        return self.model.encode_images(batch["image"])
+
+    def training_step(self, batch, step):
+        z = self.latents(batch)
+        context = self.model.encode_text(drop_captions(batch["caption"], self.cfg.caption_dropout))
+        terms = self.model.diffusion.training_losses(self.model, z, {"context": context})
+        loss = terms["loss"].mean()
+        logs = {"loss": loss.item(), "mse": terms["mse"].mean().item()}
+        if "vlb" in terms:
+            logs["vlb"] = terms["vlb"].mean().item()
+        yield "unet", loss, logs
+
+    @torch.no_grad()
+    def images(self, batch, ema):
+        if not self.cfg.samples.prompts:
+            return {}
+        from ldm.generation import generate_latents
+
+        s = self.cfg.samples
+        live = {k: m.state_dict() for k, m in self.trainable.items()}
+        if ema is not None:
+            self.trainable.load_state_dict(ema.shadow.state_dict())
+        self.model.eval()
+        try:
+            latents = generate_latents(self.model, s.prompts, seed=s.seed, sampler=s.sampler, steps=s.steps,
+                                       guidance=s.guidance, height=self.cfg.data.size, width=self.cfg.data.size)
+            images = self.model.decode_latents(latents)
+        finally:
+            for k, m in self.trainable.items():
+                m.load_state_dict(live[k])
+            self.trainable.train()
+        return {"samples": images}
+
+    def extra_state(self) -> dict:
+        return {"diffusion": self.model.diffusion.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "diffusion" in state:
+            self.model.diffusion.load_state_dict(state["diffusion"])
+
+
+def main() -> None:
+    parser = train_parser(__doc__.splitlines()[0])
+    parser.add_argument("--first-stage", required=True, help="autoencoder.safetensors written by train_stage1.py")
+    args = parser.parse_args()
+    cfg = load_config(args.config, Stage2Config, args.overrides)
+    seed_everything(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    autoencoder, ae_cfg, measured_scale = load_autoencoder(args.first_stage)
+    scale = cfg.scale_factor if cfg.scale_factor is not None else measured_scale
+    model = LatentDiffusion(cfg.model, autoencoder, ae_cfg, scale)
+    log.info("U-Net %.2f M parameters; latent scale factor %.5f", _millions(model.unet), scale)
+
+    dataset = build_dataset(cfg.data)
+    if cfg.latent_cache:
+        dataset = latent_cache(dataset, model.autoencoder, fingerprint(args.first_stage, cfg.data),
+                               cfg.latent_cache_dir, num_workers=cfg.train.num_workers)
+    task = LatentDiffusionTask(cfg, model)
+    last = train(task, dataset, cfg.train, resume=args.resume)
+
+    states = {k: m.state_dict() for k, m in task.trainable.items()}
+    if cfg.train.ema_decay and last is not None:  # sample with the EMA weights
+        ema = load_weights(last / "ema.safetensors")
+        states = {k: {n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + ".")} for k in states}
+    model.save(out / "model.safetensors", unet_state=states["unet"], text_state=states.get("text_encoder"))
+    log.info("wrote %s", out / "model.safetensors")
+
+
+def _millions(module: nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+if __name__ == "__main__":
+    run(main)
