@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=None, help="images per model batch (default --n)")
     parser.add_argument("--size", type=int, default=None,
-                        help="image side in pixels (default: the init image's size, else 256)")
+                        help="image side in pixels (default: the init image's size, else the training size)")
     parser.add_argument("--init-image", help="image to start from (img2img) or to inpaint")
     parser.add_argument("--strength", type=float, default=None,
                         help="share of the schedule run on the init image (default 0.6; 1.0 with --mask)")
@@ -139,9 +139,9 @@ def generate(args: argparse.Namespace) -> None:
                              "leave it out or resize the image")
         if mask is not None and mask.shape[2:] != init_image.shape[2:]:
             raise ValueError(f"mask is {mask.shape[3]}x{mask.shape[2]} but the init image is {width}x{height}")
-    else:
-        height = width = args.size or 256
     model = LatentDiffusion.load(args.checkpoint, device=args.device)
+    if init_image is None:
+        height = width = args.size or model.default_image_size
 
     settings = {
         "negative": args.negative, "sampler": args.sampler, "steps": args.steps, "guidance": args.cfg,

@@ -143,6 +143,8 @@ def main() -> None:
 
     autoencoder, ae_cfg, measured_scale = load_autoencoder(args.first_stage)
     scale = cfg.scale_factor if cfg.scale_factor is not None else measured_scale
+    if cfg.model.unet.image_size is None:  # recorded so generate.py defaults to the training size
+        cfg.model.unet.image_size = cfg.data.size // autoencoder.downsample_factor
     model = LatentDiffusion(cfg.model, autoencoder, ae_cfg, scale)
     log.info("U-Net %.2f M parameters; latent scale factor %.5f", _millions(model.unet), scale)
 

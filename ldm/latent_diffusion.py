@@ -89,6 +89,12 @@ class LatentDiffusion(nn.Module):
         """Image pixels per latent pixel along each side (8 for kl-f8)."""
         return self.autoencoder.downsample_factor
 
+    @property
+    def default_image_size(self) -> int:
+        """The image side the U-Net was trained at (its `image_size` in latent pixels), else SD's 512."""
+        latent = self.cfg.unet.image_size
+        return latent * self.latent_factor if latent else 512
+
     def to(self, *args, **kwargs):
         module = super().to(*args, **kwargs)
         self.diffusion.to(next(self.unet.parameters()).device)
