@@ -1,0 +1,6 @@
+"""Stage 2: the cross-attention U-Net, the diffusion process, samplers and the latent diffusion model."""
+from ldm.diffusion import Diffusion, DiffusionConfig
+from ldm.schedule import NoiseSchedule, ScheduleConfig
+from ldm.unet import UNetModel
+
+__all__ = ["Diffusion", "DiffusionConfig", "NoiseSchedule", "ScheduleConfig", "UNetModel"]
