@@ -3,6 +3,8 @@
     python generate.py "a red apple" --checkpoint runs/ldm/model.safetensors --n 4
     python generate.py "a red apple" --checkpoint model.safetensors --init-image in.png --strength 0.6
     python generate.py "a red apple" --checkpoint model.safetensors --init-image in.png --mask mask.png
+    python generate.py "a red apple" --checkpoint model.safetensors --controlnet controlnet.safetensors \
+        --control canny --control-image photo.png [--control-scale 1.0]   # repeat the three for more ControlNets
 
 Writes one PNG per image, with every generation parameter in its PNG text chunks, and grid.png
 (one row per prompt). The same command gives byte-identical files; image k of a prompt uses seed
@@ -22,10 +24,15 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from conditioning.edges import canny_hint
+from ldm.controlnet import Control, load_controlnet
 from ldm.generation import SAMPLERS, generate_latents
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.samplers import SIGMA_SPACINGS
 from training.cli import run
+
+
+CONTROL_KINDS = ("canny", "none", "map")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +59,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mask", help="inpainting mask, same size as --init-image: white = repaint, black = keep")
     parser.add_argument("--repaint-resamples", type=int, default=1, help="RePaint resampling passes (ddpm/ddim)")
     parser.add_argument("--repaint-jump", type=int, default=10, help="RePaint jump length in steps")
+    parser.add_argument("--controlnet", action="append", default=[],
+                        help="ControlNet file (train_controlnet.py output or original ControlNet weights); repeatable")
+    parser.add_argument("--control-image", action="append", default=[],
+                        help="condition image of each --controlnet (a photo with --control canny, else a ready map)")
+    parser.add_argument("--control", action="append", default=[], choices=CONTROL_KINDS,
+                        help="how to turn each --control-image into the condition: 'canny' runs the edge detector "
+                             "on it, 'none' / 'map' use it as it is (default); give once for all or once per image")
+    parser.add_argument("--control-scale", action="append", default=[], type=float,
+                        help="weight of each ControlNet's residuals (default 1.0); once for all or once per net")
+    parser.add_argument("--guess-mode", action="store_true",
+                        help="ControlNet guess mode: control only the conditional prediction, residuals decaying "
+                             "0.825^(12-i) from deep to shallow (works with an empty prompt)")
+    parser.add_argument("--canny-low", type=int, default=100, help="low hysteresis threshold of --control canny")
+    parser.add_argument("--canny-high", type=int, default=200, help="high hysteresis threshold of --control canny")
     parser.add_argument("--out", default="outputs", help="output directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     return parser.parse_args(argv)
@@ -111,6 +132,57 @@ def grid(rows: list[list[np.ndarray]]) -> np.ndarray:
     return np.concatenate([np.concatenate(r + [blank] * (columns - len(r)), axis=1) for r in rows], axis=0)
 
 
+def per_control(values: list, count: int, default) -> list:
+    """A flag given once applies to every ControlNet; not at all, the default does."""
+    if len(values) == 1:
+        return values * count
+    return list(values) or [default] * count
+
+
+def load_condition(path: str, kind: str, low: int, high: int) -> torch.Tensor:
+    """A control image as a condition [1, 3, H, W] in [0, 1]: its Canny edges (kind "canny") or itself."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"control image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"cannot read control image {path}: {e}") from None
+    if kind == "canny":
+        return canny_hint(rgb, low, high)[None]
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def load_controls(args: argparse.Namespace, model: LatentDiffusion, hints: list[torch.Tensor],
+                  scales: list[float]) -> list[Control]:
+    """The --controlnet files as Controls; a file trained with an unlocked U-Net also sets its output blocks."""
+    controls, decoder_from = [], None
+    checkpoint_sha = None
+    for path, hint, scale in zip(args.controlnet, hints, scales):
+        loaded = load_controlnet(path, unet=model.unet, latent_factor=model.latent_factor, device=args.device)
+        trained_on = loaded.metadata.get("stage2_sha256")
+        if trained_on:
+            checkpoint_sha = checkpoint_sha or sha256_prefix(args.checkpoint, 64)
+            if trained_on != checkpoint_sha:
+                print(f"warning: {path} was trained on another stage-2 model than {args.checkpoint}", file=sys.stderr)
+        if loaded.unet_decoder:
+            if decoder_from is not None:
+                raise ValueError(f"{decoder_from} and {path} both carry U-Net output blocks (trained with "
+                                 "sd_locked: false); use at most one of them")
+            decoder_from = path
+            result = model.unet.load_state_dict(loaded.unet_decoder, strict=False)
+            if result.unexpected_keys:
+                raise ValueError(f"{path}: its U-Net output blocks do not fit {args.checkpoint} "
+                                 f"(e.g. {result.unexpected_keys[0]})")
+        net = loaded.net
+        if net.hint_channels == 1:
+            hint = hint.mean(dim=1, keepdim=True)
+        elif net.hint_channels != hint.shape[1]:
+            raise ValueError(f"{path} takes {net.hint_channels}-channel conditions; control images give 3 channels")
+        controls.append(Control(net, hint, scale=scale, guess_mode=args.guess_mode))
+    return controls
+
+
 def check_args(args: argparse.Namespace) -> None:
     """What can be checked without the model."""
     if args.sampler not in SAMPLERS:
@@ -125,6 +197,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device available")
+    count = len(args.controlnet)
+    if len(args.control_image) != count:
+        raise ValueError(f"give one --control-image per --controlnet (got {len(args.control_image)} images for "
+                         f"{count} ControlNets)")
+    for flag, values in (("--control", args.control), ("--control-scale", args.control_scale)):
+        if len(values) not in (0, 1, count) or (values and not count):
+            raise ValueError(f"{flag} is given {len(values)} times for {count} ControlNets (give it once for all, "
+                             "or once per --controlnet)")
+    if args.guess_mode and not count:
+        raise ValueError("--guess-mode needs a --controlnet")
+    for path in args.controlnet:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"ControlNet file not found: {path}")
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -139,9 +224,23 @@ def generate(args: argparse.Namespace) -> None:
                              "leave it out or resize the image")
         if mask is not None and mask.shape[2:] != init_image.shape[2:]:
             raise ValueError(f"mask is {mask.shape[3]}x{mask.shape[2]} but the init image is {width}x{height}")
+    kinds = per_control(args.control, len(args.controlnet), "none")
+    scales = per_control(args.control_scale, len(args.controlnet), 1.0)
+    hints = [load_condition(path, kind, args.canny_low, args.canny_high)
+             for path, kind in zip(args.control_image, kinds)]
+    if hints and init_image is None:  # conditions are pixel-aligned with the output: they set its size
+        height, width = hints[0].shape[2:]
+        if args.size is not None and (args.size, args.size) != (height, width):
+            raise ValueError(f"--size {args.size} differs from the control image's {width}x{height}; "
+                             "leave it out or resize the image")
+    for path, hint in zip(args.control_image, hints):
+        if hint.shape[2:] != (height, width):
+            raise ValueError(f"control image {path} is {hint.shape[3]}x{hint.shape[2]} but the output is "
+                             f"{width}x{height}; resize it to the output size")
     model = LatentDiffusion.load(args.checkpoint, device=args.device)
-    if init_image is None:
+    if init_image is None and not hints:
         height = width = args.size or model.default_image_size
+    controls = load_controls(args, model, hints, scales)
 
     settings = {
         "negative": args.negative, "sampler": args.sampler, "steps": args.steps, "guidance": args.cfg,
@@ -155,6 +254,13 @@ def generate(args: argparse.Namespace) -> None:
     if mask is not None:
         settings.update(mask=Path(args.mask).name, repaint_resamples=args.repaint_resamples,
                         repaint_jump=args.repaint_jump)
+    if controls:
+        settings.update(controlnets=[Path(p).name for p in args.controlnet],
+                        controlnet_sha256=[sha256_prefix(p) for p in args.controlnet],
+                        control=kinds, control_images=[Path(p).name for p in args.control_image],
+                        control_scales=scales, guess_mode=args.guess_mode)
+        if "canny" in kinds:
+            settings.update(canny_low=args.canny_low, canny_high=args.canny_high)
 
     out = Path(args.out)
     batch_size = args.batch_size or args.n
@@ -168,7 +274,8 @@ def generate(args: argparse.Namespace) -> None:
                 model, [prompt] * count, negative=args.negative, seed=args.seed + first, sampler=args.sampler,
                 steps=args.steps, guidance=args.cfg, guidance_rescale=args.guidance_rescale, height=height,
                 width=width, eta=args.eta, init_image=init_image, strength=args.strength, mask=mask, progress=True,
-                spacing=args.spacing, repaint_jump=args.repaint_jump, repaint_resamples=args.repaint_resamples)
+                spacing=args.spacing, repaint_jump=args.repaint_jump, repaint_resamples=args.repaint_resamples,
+                control=controls)
             images = to_uint8(model.decode_latents(latents))
             out.mkdir(parents=True, exist_ok=True)
             for k, image in enumerate(images):

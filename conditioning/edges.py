@@ -3,8 +3,16 @@
 ControlNet's canny model was trained on `cv2.Canny(rgb_uint8, low, high)` run directly on the RGB
 image (OpenCV takes the strongest gradient over the channels), with the single-channel result
 repeated to three channels and scaled to [0, 1]. These helpers reproduce exactly that.
+
+    python -m conditioning.edges photos/ edges/ [--low 100 --high 200]
+
+writes the edge map of every image in a folder (see `edges_of_folder`).
 """
 from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -65,3 +73,49 @@ def canny_hint(image: Image.Image | np.ndarray | torch.Tensor, low: int = 100, h
         return torch.stack([canny_hint(one, low, high) for one in image])
     hint = edges_to_hint(canny(to_uint8_hwc(image), low, high))
     return hint.to(image.device) if isinstance(image, torch.Tensor) else hint
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def edges_of_folder(in_dir: str | Path, out_dir: str | Path, low: int = 100, high: int = 200) -> list[Path]:
+    """Write the Canny edge map of every image under `in_dir` (recursively) to `out_dir` as PNG.
+
+    The folder layout is kept and every file becomes `<name>.png` (0 / 255, one channel), ready for
+    `generate.py --control none --control-image ...`. Returns the written paths.
+    """
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.is_dir():
+        raise FileNotFoundError(f"input folder not found: {in_dir}")
+    sources = sorted(p for p in in_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not sources:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {in_dir}")
+    written = []
+    for source in sources:
+        try:
+            with Image.open(source) as image:
+                edges = canny(to_uint8_hwc(image), low, high)
+        except OSError as e:
+            raise ValueError(f"cannot read image {source}: {e}") from None
+        target = (out_dir / source.relative_to(in_dir)).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(edges).save(target)
+        written.append(target)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Turn a folder of images into Canny condition images for ControlNet.")
+    parser.add_argument("in_dir", help="folder of images (searched recursively)")
+    parser.add_argument("out_dir", help="where the edge maps go (same layout, .png)")
+    parser.add_argument("--low", type=int, default=100, help="low hysteresis threshold of cv2.Canny")
+    parser.add_argument("--high", type=int, default=200, help="high hysteresis threshold of cv2.Canny")
+    args = parser.parse_args(argv)
+    written = edges_of_folder(args.in_dir, args.out_dir, args.low, args.high)
+    print(f"wrote {len(written)} edge maps to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    from training.cli import run
+
+    run(lambda: main(sys.argv[1:]))

@@ -9,11 +9,13 @@ generator seeded seed + i, so it equals what seed + i gives alone, on any device
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .controlnet import Control, ControlledModel
 from .guidance import ClassifierFreeGuidance
 from .samplers import (
     SAMPLERS,
@@ -26,7 +28,7 @@ from .samplers import (
     repaint_path,
 )
 
-__all__ = ["SAMPLERS", "generate_latents", "latent_mask", "sample_latents"]
+__all__ = ["SAMPLERS", "Control", "generate_latents", "latent_mask", "sample_latents"]
 
 
 def sample_latents(
@@ -170,6 +172,7 @@ def generate_latents(
     spacing: str | None = None,
     repaint_jump: int = 10,
     repaint_resamples: int = 1,
+    control: Sequence[Control] | None = None,
 ) -> Tensor:
     """Sample latents [B, C, height / f, width / f] for `prompts` with a `LatentDiffusion` model.
 
@@ -179,6 +182,8 @@ def generate_latents(
         posterior mean (deterministic). strength: how much of the schedule to run on it; default
         0.6 for img2img and 1.0 (start from noise) for inpainting.
     mask: [1 or B, 1, height, width] in [0, 1], 1 = repaint; needs init_image.
+    control: ControlNets with their condition images ([1 or B, hint_channels, height, width] in
+        [0, 1]) and weights; their scaled residuals add up (see `ldm.controlnet.ControlledModel`).
     See `sample_latents` for sampler, steps, spacing, eta and the RePaint options. The model should
     be in eval mode; decode the result with `model.decode_latents`.
     """
@@ -206,6 +211,17 @@ def generate_latents(
             raise ValueError("mask values must lie in [0, 1] (1 = repaint, 0 = keep)")
     if strength is None:
         strength = 1.0 if mask is not None else 0.6
+    controls = []
+    for i, c in enumerate(control or []):
+        if c.net.latent_factor != model.latent_factor:
+            raise ValueError(f"ControlNet {i + 1} encodes condition images {c.net.latent_factor}x the latent size, "
+                             f"but this model's autoencoder downsamples {model.latent_factor}x")
+        hint = c.hint[None] if c.hint.ndim == 3 else c.hint
+        if hint.ndim != 4 or hint.shape[0] not in (1, batch) or tuple(hint.shape[1:]) != (c.net.hint_channels,
+                                                                                         height, width):
+            raise ValueError(f"condition image {i + 1} must be [1 or {batch}, {c.net.hint_channels}, {height}, "
+                             f"{width}] (the output size), got shape {tuple(c.hint.shape)}")
+        controls.append(replace(c, hint=hint))
 
     device = next(model.unet.parameters()).device
     latent_size = (height // model.latent_factor, width // model.latent_factor)
@@ -220,7 +236,10 @@ def generate_latents(
         init_latents = init_latents.expand(batch, *init_latents.shape[1:]).contiguous()
     if mask is not None:
         mask = latent_mask(mask.to(device), latent_size)
-    model_fn = ClassifierFreeGuidance(model, model.diffusion, cond, uncond, guidance, guidance_rescale)
+    network = model
+    if controls:
+        network = ControlledModel(model, [replace(c, hint=c.hint.to(device)) for c in controls], batch)
+    model_fn = ClassifierFreeGuidance(network, model.diffusion, cond, uncond, guidance, guidance_rescale)
     return sample_latents(
         Denoiser(model_fn, model.diffusion),
         (batch, model.latent_channels, *latent_size),

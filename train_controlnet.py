@@ -1,0 +1,219 @@
+"""Train a ControlNet on a trained stage-2 model: the U-Net stays locked, a copy of its encoder learns the condition.
+
+    python train_controlnet.py --config configs/controlnet/shapes-edges.yaml --stage2 runs/shapes64/model.safetensors \
+        [--resume] [key=value ...]
+
+The data section's `condition` ("canny", "shapes-edges", "shapes-mask") supplies the condition
+images. With `controlnet.sd_locked: true` (default) only the ControlNet trains; `false` also trains
+the U-Net's output blocks and output layer, as in the ControlNet paper's unlocked mode. Captions are
+replaced by "" at `empty_prompt_rate` (0.5 in the paper), so the ControlNet learns to read the
+condition without the prompt's help. Writes checkpoints under train.output_dir and, at the end,
+`controlnet.safetensors` (EMA weights when train.ema_decay is set): the ControlNet, plus the U-Net
+output blocks when unlocked, with its config and the stage-2 file's sha256 in the metadata, ready for
+`generate.py --controlnet`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import Dataset
+
+from conditioning import drop_captions
+from data import DataConfig, build_dataset
+from ldm.controlnet import Control, ControlNet, save_controlnet
+from ldm.latent_cache import fingerprint, latent_cache
+from ldm.latent_diffusion import LatentDiffusion
+from train_stage2 import LatentDiffusionTask, OptimConfig
+from training import TrainConfig, load_config, train
+from training.checkpoint import load_weights
+from training.cli import run, train_parser
+from training.config import ConfigError, to_dict
+from training.loop import seed_everything
+
+log = logging.getLogger("train_controlnet")
+
+
+@dataclass
+class ControlNetOptions:
+    hint_channels: int = 3
+    sd_locked: bool = True  # False: the U-Net's output_blocks and out train too
+    only_mid_control: bool = False  # add only the middle residual (an ablation of the paper)
+
+
+@dataclass
+class ControlSampleConfig:
+    """Image grids every train.image_every steps: the batch's first `count` conditions and captions, EMA weights."""
+
+    count: int = 4
+    seed: int = 0
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance: float = 5.0
+
+
+@dataclass
+class ControlNetTrainConfig:
+    data: DataConfig
+    controlnet: ControlNetOptions = field(default_factory=ControlNetOptions)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0))
+    samples: ControlSampleConfig = field(default_factory=ControlSampleConfig)
+    empty_prompt_rate: float = 0.5
+    latent_cache: bool = False
+    latent_cache_dir: str = "runs/latent_cache"
+
+
+class HintedLatents(Dataset):
+    """A latent cache with each item's condition image taken from the source dataset (same key)."""
+
+    def __init__(self, latents: Dataset, source: Dataset):
+        self.latents, self.source = latents, source
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, key: int) -> dict:
+        return {**self.latents[key], "hint": self.source[key]["hint"]}
+
+
+class ControlNetTask(LatentDiffusionTask):
+    """The stage-2 task with the U-Net locked and a ControlNet beside it.
+
+    Reuses the stage-2 set-up (one AdamW over `self.trainable` with warm-up, under the optimizer
+    name "unet"), latents (cache or images) and resumable diffusion state; `trainable` holds the
+    ControlNet and, when unlocked, the U-Net's output blocks.
+    """
+
+    def __init__(self, cfg: ControlNetTrainConfig, model: LatentDiffusion, controlnet: ControlNet):
+        self.cfg, self.model, self.controlnet = cfg, model, controlnet
+        model.requires_grad_(False)
+        trainable = {"controlnet": controlnet.requires_grad_(True)}
+        if not cfg.controlnet.sd_locked:
+            trainable["unet_decoder"] = nn.ModuleDict(
+                {"output_blocks": model.unet.output_blocks, "out": model.unet.out}).requires_grad_(True)
+        self.trainable = nn.ModuleDict(trainable)
+
+    def setup(self, accelerator) -> None:
+        self.controlnet.to(accelerator.device)
+        super().setup(accelerator)
+        # Train mode as in the original (gradient checkpointing, dropout); only the text encoder and
+        # autoencoder stay in eval mode.
+        self.model.unet.train()
+
+    def controlled_unet(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                        hint: torch.Tensor) -> torch.Tensor:
+        """The U-Net's prediction with the ControlNet's residuals (unit scales, as in training)."""
+        control = self.controlnet(x_t, hint, t, context)
+        return self.model.unet(x_t, t, context=context, control=control,
+                               only_mid_control=self.cfg.controlnet.only_mid_control)
+
+    def training_step(self, batch, step):
+        z = self.latents(batch)
+        with torch.no_grad():  # the text encoder is frozen
+            context = self.model.encode_text(drop_captions(batch["caption"], self.cfg.empty_prompt_rate))
+        terms = self.model.diffusion.training_losses(self.controlled_unet, z, {"context": context,
+                                                                               "hint": batch["hint"]})
+        loss = terms["loss"].mean()
+        yield "unet", loss, {"loss": loss.item(), "mse": terms["mse"].mean().item()}
+
+    @torch.no_grad()
+    def images(self, batch, ema):
+        from ldm.generation import generate_latents
+
+        s = self.cfg.samples
+        count = min(s.count, len(batch["caption"]))
+        hints = batch["hint"][:count]
+        with self._sampling_weights(ema):
+            latents = generate_latents(self.model, list(batch["caption"][:count]), seed=s.seed, sampler=s.sampler,
+                                       steps=s.steps, guidance=s.guidance, height=hints.shape[2],
+                                       width=hints.shape[3], control=[Control(self.controlnet, hints)])
+            samples = self.model.decode_latents(latents)
+        grids = {"conditions": hints * 2 - 1, "samples": samples}
+        if "image" in batch:
+            grids["targets"] = batch["image"][:count]
+        return grids
+
+    @contextlib.contextmanager
+    def _sampling_weights(self, ema):
+        """EMA weights (when kept) and eval mode inside the block; the live weights and train mode after."""
+        live = {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in self.trainable.items()}
+        if ema is not None:
+            self.trainable.load_state_dict(ema.shadow.state_dict())
+        self.model.unet.eval()
+        self.trainable.eval()
+        try:
+            yield
+        finally:
+            for k, m in self.trainable.items():
+                m.load_state_dict(live[k])
+            self.model.unet.train()
+            self.trainable.train()
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_config(cfg: ControlNetTrainConfig, model: LatentDiffusion) -> None:
+    """Clear errors for a config that cannot train a ControlNet on this model."""
+    if cfg.data.condition is None:
+        raise ConfigError("data.condition must be set ('canny', 'shapes-edges' or 'shapes-mask'): "
+                          "it supplies the ControlNet's condition images")
+    if not 0.0 <= cfg.empty_prompt_rate <= 1.0:
+        raise ConfigError(f"empty_prompt_rate must lie in [0, 1], got {cfg.empty_prompt_rate}")
+    multiple = model.latent_factor * 2 ** (len(model.cfg.unet.channel_mult) - 1)
+    if cfg.data.size % multiple:
+        raise ConfigError(f"data.size {cfg.data.size} must be a multiple of {multiple} for this model "
+                          f"(autoencoder factor {model.latent_factor} times the U-Net's downsampling)")
+
+
+def main() -> None:
+    parser = train_parser(__doc__.splitlines()[0])
+    parser.add_argument("--stage2", required=True, help="model.safetensors written by train_stage2.py")
+    args = parser.parse_args()
+    cfg = load_config(args.config, ControlNetTrainConfig, args.overrides)
+    if not Path(args.stage2).is_file():
+        raise FileNotFoundError(f"stage-2 model not found: {args.stage2}")
+    seed_everything(cfg.train.seed)
+    model = LatentDiffusion.load(args.stage2)
+    check_config(cfg, model)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    controlnet = ControlNet.from_unet(model.unet, cfg.controlnet.hint_channels, model.latent_factor)
+    log.info("ControlNet %.2f M parameters (U-Net %s)", sum(p.numel() for p in controlnet.parameters()) / 1e6,
+             "locked" if cfg.controlnet.sd_locked else "output blocks trainable")
+    dataset = build_dataset(cfg.data)
+    if cfg.latent_cache:
+        cache = latent_cache(dataset, model.autoencoder, fingerprint(args.stage2, cfg.data), cfg.latent_cache_dir,
+                             num_workers=cfg.train.num_workers)
+        dataset = HintedLatents(cache, dataset)
+    task = ControlNetTask(cfg, model, controlnet)
+    last = train(task, dataset, cfg.train, resume=args.resume)
+
+    states = {k: m.state_dict() for k, m in task.trainable.items()}
+    if cfg.train.ema_decay and last is not None:
+        ema = load_weights(last / "ema.safetensors")
+        states = {k: {n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + ".")} for k in states}
+    save_controlnet(out / "controlnet.safetensors", controlnet, states["controlnet"],
+                    unet_decoder=states.get("unet_decoder"),
+                    metadata={"stage2": Path(args.stage2).name, "stage2_sha256": sha256_of(args.stage2),
+                              "condition": cfg.data.condition, "canny": [cfg.data.canny_low, cfg.data.canny_high],
+                              "sd_locked": cfg.controlnet.sd_locked, "steps": cfg.train.max_steps})
+    log.info("wrote %s", out / "controlnet.safetensors")
+
+
+if __name__ == "__main__":
+    run(main)
