@@ -42,14 +42,6 @@ TINY = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, atte
 SIZE = 16  # pixels of the tiny stage-2 model: autoencoder and U-Net halve once each
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize_zeros(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
     """Give zero-initialised parameters random values so that every path reaches the output."""
     generator = torch.Generator().manual_seed(seed)

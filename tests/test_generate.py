@@ -20,16 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # pixels; the tiny autoencoder and U-Net each halve once, so sizes are multiples of 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A model this small gains nothing from a second intra-op thread; on a busy machine the hand-off
-    costs milliseconds per op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)

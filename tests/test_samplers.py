@@ -31,16 +31,6 @@ T = 1000
 MU, S = 0.7, 0.4  # the data distribution N(MU, S^2) of the closed-form denoisers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are small: a second intra-op thread only adds hand-off latency, which on a busy
-    machine costs milliseconds per op over thousands of sampler steps."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def schedule():
     return NoiseSchedule(make_betas("ldm-linear"))

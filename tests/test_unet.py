@@ -29,16 +29,6 @@ TINY_CLASS = dict(image_size=8, in_channels=3, out_channels=3, model_channels=32
                   resblock_updown=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy CPU every multi-threaded op can
-    wait a scheduler time slice for its second thread (~15 ms per op): run this module on one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give zero-initialised layers random weights so that every path reaches the output."""
     generator = torch.Generator().manual_seed(seed)
