@@ -28,6 +28,7 @@ from conditioning.edges import canny_hint
 from ldm.controlnet import Control, load_controlnet
 from ldm.generation import SAMPLERS, generate_latents
 from ldm.latent_diffusion import LatentDiffusion
+from ldm.original_format import load_model
 from ldm.samplers import SIGMA_SPACINGS
 from training.cli import run
 
@@ -38,7 +39,11 @@ CONTROL_KINDS = ("canny", "none", "map")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts-file)")
-    parser.add_argument("--checkpoint", required=True, help="model file written by train_stage2.py")
+    parser.add_argument("--checkpoint", required=True,
+                        help="model file written by train_stage2.py, or an original SD/LDM .ckpt/.safetensors")
+    parser.add_argument("--config", help="original inference YAML of an original checkpoint (e.g. "
+                        "configs/sd/v1-inference.yaml); default: the .yaml beside the checkpoint")
+    parser.add_argument("--ema", action="store_true", help="original checkpoints: use the model_ema.* U-Net weights")
     parser.add_argument("--prompts-file", help="text file with one prompt per line")
     parser.add_argument("--negative", default="", help="negative prompt, used in place of the empty prompt")
     parser.add_argument("--sampler", default="dpmpp-2m", help=f"one of {', '.join(SAMPLERS)} (default dpmpp-2m)")
@@ -237,7 +242,7 @@ def generate(args: argparse.Namespace) -> None:
         if hint.shape[2:] != (height, width):
             raise ValueError(f"control image {path} is {hint.shape[3]}x{hint.shape[2]} but the output is "
                              f"{width}x{height}; resize it to the output size")
-    model = LatentDiffusion.load(args.checkpoint, device=args.device)
+    model = load_model(args.checkpoint, args.config, use_ema=args.ema, device=args.device)
     if init_image is None and not hints:
         height = width = args.size or model.default_image_size
     controls = load_controls(args, model, hints, scales)

@@ -155,6 +155,23 @@ class LatentDiffusion(nn.Module):
             _load_strict(module, state, path, prefix)
         return model.to(device).eval()
 
+    # -- original CompVis / Stability-AI format ------------------------------------------------------
+
+    @classmethod
+    def from_original(cls, checkpoint: str | Path, config, use_ema: bool = False,
+                      device: str | torch.device = "cpu") -> LatentDiffusion:
+        """Load an original SD / LDM `.ckpt` / `.safetensors` with its original YAML (see ldm.original_format)."""
+        from ldm.original_format import load_original_model
+
+        return load_original_model(checkpoint, config, use_ema=use_ema, device=device)
+
+    def export_original(self, path: str | Path, unet_state: dict[str, torch.Tensor] | None = None,
+                        dtype: torch.dtype | None = None) -> Path:
+        """Write an original-format `.safetensors` plus its YAML beside it; returns the YAML's path."""
+        from ldm.original_format import export_original
+
+        return export_original(self, path, unet_state=unet_state, dtype=dtype)
+
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path, prefix: str) -> None:
     try:

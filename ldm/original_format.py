@@ -1,0 +1,298 @@
+"""Original LDM / Stable Diffusion checkpoints: load them into `LatentDiffusion`, export ours to them.
+
+Key layout of an original file: `model.diffusion_model.*` (U-Net), `first_stage_model.*`
+(autoencoder, plus `loss.*` in training files), `cond_stage_model.*` (text encoder),
+`model_ema.*` (EMA U-Net with dots removed from the names), schedule buffers at top level.
+
+Memory: the model is built with its parameters on the meta device (no storage), tensors are read
+one at a time (safetensors `safe_open`, or an mmap'ed `torch.load(weights_only=True)`) and then
+assigned, so an SD-size file never sits in memory twice.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from autoencoder import AutoencoderConfig, build_autoencoder
+from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.original_config import OriginalModelConfig, parse_original_config, write_original_config
+from training.checkpoint import CheckpointError, load_torch, save_weights
+
+UNET_PREFIX = "model.diffusion_model."
+AUTOENCODER_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+EMA_PREFIX = "model_ema."
+CONTROL_PREFIX = "control_model."
+# Tensors an original file may hold that no module of ours takes.
+SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                 "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "scale_factor", "model_ema.decay",
+                 "model_ema.num_updates")
+DROPPED_SUFFIXES = ("embeddings.position_ids",)  # a constant that newer transformers no longer stores
+
+
+def ema_key(unet_key: str) -> str:
+    """`input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight` (the original's flattening)."""
+    return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
+
+
+class TensorFile:
+    """Lazy, read-one-tensor-at-a-time view of a `.safetensors` or `.ckpt` weights file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {self.path}")
+        if self.path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+                self._keys = list(self._handle.keys())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from None
+            self._tensors = None
+        else:
+            self._tensors = _load_pickle(self.path)
+            self._keys = list(self._tensors)
+        self._key_set = set(self._keys)
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_set
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[key]
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as e:  # noqa: BLE001 - a truncated file fails here, with several error types
+            raise CheckpointError(f"{self.path}: tensor {key!r} cannot be read ({e}); is the file truncated?") from None
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - legacy (non-zip) pickles cannot be mmap'ed; unsafe ones are
+        state = load_torch(path)  # refused by load_torch, with its message
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _fit(value: torch.Tensor, like: torch.Tensor, key: str) -> torch.Tensor:
+    """Reshape proj_in/proj_out between 1x1 conv [C, C, 1, 1] (SD 1.x) and Linear [C, C] (SD 2.x)."""
+    if value.shape != like.shape and key.endswith(("proj_in.weight", "proj_out.weight")) \
+            and value.numel() == like.numel() and {value.ndim, like.ndim} == {2, 4}:
+        return value.reshape(like.shape)
+    return value
+
+
+def _load_module(module: nn.Module, tensors: TensorFile, names: dict[str, str], dtype: torch.dtype | None,
+                 what: str) -> None:
+    """Assign `tensors[names[k]]` to every entry `k` of `module.state_dict()`, strictly.
+
+    `names` maps the module's keys to file keys. Raises CheckpointError naming the first missing,
+    mis-shaped and unexpected keys.
+    """
+    expected = module.state_dict(keep_vars=True)
+    missing = [names[k] for k in expected if names[k] not in tensors]
+    state, misshaped = {}, []
+    for key, like in expected.items():
+        if names[key] not in tensors:
+            continue
+        value = _fit(tensors.get(names[key]), like, key)
+        if value.shape != like.shape:
+            misshaped.append(f"{names[key]} {tuple(value.shape)} (model {tuple(like.shape)})")
+            continue
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        state[key] = value
+    if missing or misshaped:
+        raise CheckpointError(f"{tensors.path}: {what} weights do not fit: {len(missing)} missing, e.g. {missing[:5]}; "
+                              f"{len(misshaped)} mis-shaped, e.g. {misshaped[:5]}; check the config against the file")
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+class _MetaStaysMeta(torch.overrides.TorchFunctionMode):
+    """Makes `tensor.to(device)` a no-op for meta tensors while a model is being built.
+
+    open_clip's `create_model` ends with `model.to("cpu")`, which would fail (or, with real
+    tensors, allocate) for parameters created on the meta device.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def build_empty_model(config: OriginalModelConfig) -> LatentDiffusion:
+    """The model with its parameters on the meta device (no storage); buffers (masks, ...) stay real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False), _MetaStaysMeta():
+        autoencoder = build_autoencoder(config.autoencoder)
+        return LatentDiffusion(config.ldm, autoencoder, config.autoencoder, config.scale_factor)
+
+
+def load_original_model(checkpoint: str | Path, config: str | Path | dict | OriginalModelConfig,
+                        use_ema: bool = False, dtype: torch.dtype | None = torch.float32,
+                        device: str | torch.device = "cpu") -> LatentDiffusion:
+    """A `LatentDiffusion` from an original `.ckpt` / `.safetensors` and its original YAML.
+
+    Args:
+        checkpoint: original SD / LDM file (`model.diffusion_model.*`, `first_stage_model.*`,
+            `cond_stage_model.*`); a ControlLDM file's `control_model.*` is skipped (see
+            `ldm.controlnet.load_controlnet`).
+        config: path of an original inference YAML, its parsed dict, or an `OriginalModelConfig`.
+        use_ema: take the U-Net from `model_ema.*` (CheckpointError when the file has none).
+        dtype: floating-point dtype of the loaded weights (None keeps the file's).
+    Returns the model in eval mode on `device`.
+    """
+    if not isinstance(config, OriginalModelConfig):
+        config = parse_original_config(config)
+    tensors = TensorFile(checkpoint)
+    model = build_empty_model(config)
+    unet_names = {k: UNET_PREFIX + k for k in model.unet.state_dict()}
+    if use_ema:
+        if not any(k.startswith(EMA_PREFIX) and k not in SCHEDULE_KEYS for k in tensors.keys()):
+            raise CheckpointError(f"{tensors.path}: use_ema was asked for but the file has no model_ema.* weights")
+        unet_names = {k: ema_key(k) for k in unet_names}
+    ae_names = {k: AUTOENCODER_PREFIX + k for k in model.autoencoder.state_dict()}
+    text_names = {k: TEXT_PREFIX + k for k in model.text_encoder.state_dict()}
+    _check_unexpected(tensors, [unet_names, ae_names, text_names], use_ema, config.control)
+    _load_module(model.unet, tensors, unet_names, dtype, "U-Net")
+    _load_module(model.autoencoder, tensors, ae_names, dtype, "autoencoder")
+    _load_module(model.text_encoder, tensors, text_names, dtype, "text encoder")
+    if config.scale_by_std and "scale_factor" in tensors:
+        model.scale_factor = float(tensors.get("scale_factor"))
+    _check_schedule(model, tensors)
+    return model.to(device).eval()
+
+
+def _check_unexpected(tensors: TensorFile, name_maps: list[dict[str, str]], use_ema: bool, control: bool) -> None:
+    taken = {name for names in name_maps for name in names.values()}
+    skipped = (EMA_PREFIX, "first_stage_model.loss.") + ((CONTROL_PREFIX,) if control else ())
+    if use_ema:  # the live U-Net weights are then the ones left over
+        skipped += (UNET_PREFIX,)
+    unexpected = [k for k in tensors.keys() if k not in taken and k not in SCHEDULE_KEYS
+                  and not k.startswith(skipped) and not k.endswith(DROPPED_SUFFIXES)]
+    if unexpected:
+        raise CheckpointError(f"{tensors.path}: {len(unexpected)} unexpected weights, e.g. {unexpected[:5]}; "
+                              "the file holds modules the config does not describe")
+
+
+def _check_schedule(model: LatentDiffusion, tensors: TensorFile) -> None:
+    if "alphas_cumprod" not in tensors:
+        return
+    stored = tensors.get("alphas_cumprod")
+    rtol = max(1e-4, 4 * torch.finfo(stored.dtype).eps)  # fp16 files store the table rounded
+    stored, ours = stored.float(), model.diffusion.schedule.alphas_cumprod.cpu()
+    if stored.shape != ours.shape or not torch.allclose(stored, ours, rtol=rtol, atol=1e-6):
+        raise CheckpointError(f"{tensors.path}: the file's alphas_cumprod differ from the config's schedule "
+                              "(linear_start / linear_end / timesteps / beta_schedule)")
+
+
+def load_original_autoencoder(checkpoint: str | Path, config: AutoencoderConfig,
+                              dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """An autoencoder from a stand-alone VAE file (`encoder.*`, `decoder.*`, `loss.*` dropped) or from
+    the `first_stage_model.*` part of a full SD file; strict, one tensor at a time."""
+    from accelerate import init_empty_weights
+
+    tensors = TensorFile(checkpoint)
+    with init_empty_weights(include_buffers=False):
+        autoencoder = build_autoencoder(config)
+    full = any(k.startswith(AUTOENCODER_PREFIX) for k in tensors.keys())
+    prefix = AUTOENCODER_PREFIX if full else ""
+    names = {k: prefix + k for k in autoencoder.state_dict()}
+    if not full:
+        taken = set(names.values())
+        unexpected = [k for k in tensors.keys() if k not in taken and not k.startswith(("loss.", EMA_PREFIX))]
+        if unexpected:
+            raise CheckpointError(f"{tensors.path}: {len(unexpected)} unexpected weights, e.g. {unexpected[:5]}")
+    _load_module(autoencoder, tensors, names, dtype, "autoencoder")
+    return autoencoder.eval().requires_grad_(False)
+
+
+def original_state_dict(model: LatentDiffusion, unet_state: dict[str, torch.Tensor] | None = None,
+                        schedule: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(original key, tensor) pairs of `model`: U-Net (or `unet_state`, e.g. EMA), autoencoder, text
+    encoder, and the schedule buffers plus `scale_factor` when `schedule`."""
+    for k, v in (unet_state or model.unet.state_dict()).items():
+        yield UNET_PREFIX + k, v
+    for k, v in model.autoencoder.state_dict().items():
+        yield AUTOENCODER_PREFIX + k, v
+    for k, v in model.text_encoder.state_dict().items():
+        if not k.endswith(DROPPED_SUFFIXES):
+            yield TEXT_PREFIX + k, v
+    if schedule:
+        yield from model.diffusion.schedule.buffers().items()
+        yield "scale_factor", torch.tensor(model.scale_factor)
+
+
+def export_original(model: LatentDiffusion, path: str | Path, unet_state: dict[str, torch.Tensor] | None = None,
+                    dtype: torch.dtype | None = None, config_path: str | Path | None = None) -> Path:
+    """Write `model` as one original-format `.safetensors` and its original-style YAML beside it.
+
+    `unet_state` replaces the live U-Net weights (e.g. EMA ones); `dtype` (e.g. torch.float16)
+    converts floating-point weights. The YAML goes to `config_path` (default: same name, `.yaml`).
+    Returns the YAML's path. Our trainable text transformer is exported under its own names and
+    a `conditioning.text_encoders.TransformerTextEncoder` target that only this project reads.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"export path must end in .safetensors, got {path}")
+    tensors = {}
+    for k, v in original_state_dict(model, unet_state):
+        v = v.detach()
+        tensors[k] = v.to(dtype) if dtype is not None and v.is_floating_point() and v.ndim > 0 else v
+    save_weights(tensors, path, {"format": "ldm-original"})
+    config_path = Path(config_path) if config_path else path.with_suffix(".yaml")
+    write_original_config(config_path, model.cfg, model.autoencoder_cfg, model.scale_factor,
+                          model.text_encoder.context_dim)
+    return config_path
+
+
+__all__ = ["LatentDiffusionConfig", "OriginalModelConfig", "TensorFile", "ema_key", "export_original",
+           "load_original_autoencoder", "load_original_model", "original_state_dict", "parse_original_config"]
+
+
+def is_original_checkpoint(path: str | Path) -> bool:
+    """True unless `path` is a stage-2 file written by `LatentDiffusion.save` (ldm-stage2 metadata)."""
+    from training.checkpoint import read_metadata
+
+    path = Path(path)
+    return path.suffix != ".safetensors" or read_metadata(path).get("format") != "ldm-stage2"
+
+
+def load_model(checkpoint: str | Path, config: str | Path | None = None, use_ema: bool = False,
+               device: str | torch.device = "cpu") -> LatentDiffusion:
+    """A stage-2 file of ours, or an original SD/LDM file with its YAML `config`.
+
+    Without `config`, an original file uses the YAML of the same name beside it (as written by
+    `export_original`); if there is none, a ValueError asks for one.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    if not is_original_checkpoint(checkpoint):
+        if config is not None or use_ema:
+            raise ValueError(f"{checkpoint} is a stage-2 file of this project: it carries its config and "
+                             "picked weights; leave out the original config / EMA choice")
+        return LatentDiffusion.load(checkpoint, device=device)
+    if config is None:
+        beside = checkpoint.with_suffix(".yaml")
+        if not beside.is_file():
+            raise ValueError(f"{checkpoint} is an original-format checkpoint: pass its YAML config "
+                             "(e.g. configs/sd/v1-inference.yaml)")
+        config = beside
+    return load_original_model(checkpoint, config, use_ema=use_ema, device=device)
