@@ -30,6 +30,7 @@ from data import DataConfig, build_dataset
 from ldm.controlnet import Control, ControlNet, save_controlnet
 from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion
+from ldm.original_format import load_model
 from train_stage2 import LatentDiffusionTask, OptimConfig
 from training import TrainConfig, load_config, train
 from training.checkpoint import load_weights
@@ -180,13 +181,15 @@ def check_config(cfg: ControlNetTrainConfig, model: LatentDiffusion) -> None:
 
 def main() -> None:
     parser = train_parser(__doc__.splitlines()[0])
-    parser.add_argument("--stage2", required=True, help="model.safetensors written by train_stage2.py")
+    parser.add_argument("--stage2", required=True,
+                        help="model.safetensors written by train_stage2.py, or an original SD/LDM checkpoint")
+    parser.add_argument("--original-config", help="the original YAML of an original --stage2 checkpoint")
     args = parser.parse_args()
     cfg = load_config(args.config, ControlNetTrainConfig, args.overrides)
     if not Path(args.stage2).is_file():
         raise FileNotFoundError(f"stage-2 model not found: {args.stage2}")
     seed_everything(cfg.train.seed)
-    model = LatentDiffusion.load(args.stage2)
+    model = load_model(args.stage2, args.original_config)
     check_config(cfg, model)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)

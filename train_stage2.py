@@ -2,6 +2,8 @@
 
     python train_stage2.py --config configs/ldm/emoji64.yaml --first-stage runs/ae/autoencoder.safetensors \
         [--resume] [key=value ...]
+    python train_stage2.py --config my-finetune.yaml --init-from sd-v1-5.safetensors \
+        --original-config configs/sd/v1-inference.yaml
 
 Writes checkpoints under train.output_dir and, at the end, `model.safetensors`: U-Net (EMA weights
 when train.ema_decay is set), text encoder and autoencoder with their configs, ready for generate.py.
@@ -21,6 +23,7 @@ from conditioning import drop_captions
 from data import DataConfig, build_dataset
 from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.original_format import load_model
 from training import TrainConfig, TrainingTask, load_config, train
 from training.checkpoint import load_weights
 from training.cli import run, train_parser
@@ -133,7 +136,12 @@ class LatentDiffusionTask(TrainingTask):
 
 def main() -> None:
     parser = train_parser(__doc__.splitlines()[0])
-    parser.add_argument("--first-stage", required=True, help="autoencoder.safetensors written by train_stage1.py")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--first-stage", help="autoencoder.safetensors written by train_stage1.py (train a new U-Net)")
+    source.add_argument("--init-from", help="fine-tune a whole model: a model.safetensors of ours, or an original "
+                                            "SD/LDM .ckpt/.safetensors with --original-config")
+    parser.add_argument("--original-config", help="the original YAML (e.g. configs/sd/v1-inference.yaml) of --init-from")
+    parser.add_argument("--ema", action="store_true", help="start from the EMA weights of an original --init-from file")
     args = parser.parse_args()
     cfg = load_config(args.config, Stage2Config, args.overrides)
     seed_everything(cfg.train.seed)
@@ -141,16 +149,23 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    autoencoder, ae_cfg, measured_scale = load_autoencoder(args.first_stage)
-    scale = cfg.scale_factor if cfg.scale_factor is not None else measured_scale
-    if cfg.model.unet.image_size is None:  # recorded so generate.py defaults to the training size
-        cfg.model.unet.image_size = cfg.data.size // autoencoder.downsample_factor
-    model = LatentDiffusion(cfg.model, autoencoder, ae_cfg, scale)
-    log.info("U-Net %.2f M parameters; latent scale factor %.5f", _millions(model.unet), scale)
+    if args.init_from:
+        model = load_model(args.init_from, args.original_config, use_ema=args.ema)
+        log.info("fine-tuning %s: its own architecture replaces the config's model section", args.init_from)
+        cfg.model = model.cfg
+        if cfg.scale_factor is not None:
+            model.scale_factor = cfg.scale_factor
+    else:
+        autoencoder, ae_cfg, measured_scale = load_autoencoder(args.first_stage)
+        scale = cfg.scale_factor if cfg.scale_factor is not None else measured_scale
+        if cfg.model.unet.image_size is None:  # recorded so generate.py defaults to the training size
+            cfg.model.unet.image_size = cfg.data.size // autoencoder.downsample_factor
+        model = LatentDiffusion(cfg.model, autoencoder, ae_cfg, scale)
+    log.info("U-Net %.2f M parameters; latent scale factor %.5f", _millions(model.unet), model.scale_factor)
 
     dataset = build_dataset(cfg.data)
     if cfg.latent_cache:
-        dataset = latent_cache(dataset, model.autoencoder, fingerprint(args.first_stage, cfg.data),
+        dataset = latent_cache(dataset, model.autoencoder, fingerprint(args.first_stage or args.init_from, cfg.data),
                                cfg.latent_cache_dir, num_workers=cfg.train.num_workers)
     task = LatentDiffusionTask(cfg, model)
     last = train(task, dataset, cfg.train, resume=args.resume)

@@ -142,3 +142,20 @@ def test_cli_missing_first_stage(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'none.safetensors'}"
+
+
+def test_stage2_fine_tunes_an_original_format_checkpoint(tmp_path, stage1_file, monkeypatch):
+    from ldm.original_format import export_original
+
+    first = _stage2(tmp_path, stage1_file, monkeypatch, "first", "train.max_steps=1", "train.ema_decay=null")
+    model = LatentDiffusion.load(first / "model.safetensors")
+    original = tmp_path / "original.safetensors"
+    yaml_path = export_original(model, original)
+    argv = ["--config", ROOT / "configs/ldm/tiny.yaml", "--init-from", original, "--original-config", yaml_path,
+            f"train.output_dir={tmp_path / 'tuned'}", "train.max_steps=2", "data.shapes_length=16",
+            "train.batch_size=4", "latent_cache=false"]
+    _run(train_stage2, argv, monkeypatch)
+    tuned = LatentDiffusion.load(tmp_path / "tuned" / "model.safetensors")
+    start, end = model.unet.state_dict(), tuned.unet.state_dict()
+    assert start.keys() == end.keys()
+    assert any(not torch.equal(start[k], end[k]) for k in start)  # it trained from those weights
