@@ -8,6 +8,7 @@ model on the built-in emoji data first (stage 1, then stage 2, a few minutes on 
 """
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -23,24 +24,30 @@ def _python(*args) -> None:
     subprocess.run([sys.executable, *map(str, args)], check=True, cwd=ROOT)
 
 
-def quick_model() -> Path:
+def quick_model(stage1_steps: int, stage2_steps: int) -> Path:
     """Train the stage-1 and stage-2 emoji configs briefly (or reuse an earlier quick run)."""
     stage1 = QUICK / "stage1" / "autoencoder.safetensors"
     stage2 = QUICK / "stage2" / "model.safetensors"
     if not stage1.is_file():
         print("demo: no shipped model yet; training a quick one on the built-in emoji data (stage 1)")
         _python("train_stage1.py", "--config", "configs/autoencoder/kl-f4-emoji64.yaml",
-                f"train.output_dir={stage1.parent}", "train.max_steps=600", "train.checkpoint_every=600")
+                f"train.output_dir={stage1.parent}", f"train.max_steps={stage1_steps}", "train.batch_size=16",
+                "train.checkpoint_every=1000", "train.mixed_precision=bf16", "optim.lr=1e-3", "data.source=emoji")
     if not stage2.is_file():
         print("demo: training the quick model's stage 2")
         _python("train_stage2.py", "--config", "configs/ldm/emoji64.yaml", "--first-stage", stage1,
-                f"train.output_dir={stage2.parent}", "train.max_steps=800", "train.checkpoint_every=800",
-                "train.image_every=0", "train.ema_decay=0.99", f"latent_cache_dir={QUICK / 'latent_cache'}")
+                f"train.output_dir={stage2.parent}", f"train.max_steps={stage2_steps}", "train.checkpoint_every=1000",
+                "train.image_every=0", "train.ema_decay=0.99", "train.batch_size=16",
+                f"latent_cache_dir={QUICK / 'latent_cache'}")
     return stage2
 
 
 def main() -> None:
-    checkpoint = SHIPPED if SHIPPED.is_file() else quick_model()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage1-steps", type=int, default=400, help="quick model only")
+    parser.add_argument("--stage2-steps", type=int, default=300, help="quick model only")
+    args = parser.parse_args()
+    checkpoint = SHIPPED if SHIPPED.is_file() else quick_model(args.stage1_steps, args.stage2_steps)
     prompts = OUT / "prompts.txt"
     OUT.mkdir(parents=True, exist_ok=True)
     prompts.write_text("\n".join(PROMPTS) + "\n")
