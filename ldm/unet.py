@@ -259,51 +259,14 @@ class UNetModel(UNetEncoder):
     dtype (`model.half()`) or a `torch.autocast` context, as the original scripts used.
     """
 
-    def __init__(
-        self,
-        image_size: int | None,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int | list[int],
-        attention_resolutions: list[int],
-        dropout: float = 0.0,
-        channel_mult: list[int] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        num_classes: int | str | None = None,
-        use_checkpoint: bool = False,
-        use_fp16: bool = False,
-        num_heads: int = -1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
-        use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
-        context_dim: int | list[int] | None = None,
-        n_embed: int | None = None,
-        legacy: bool = True,
-        disable_self_attentions: list[bool] | None = None,
-        num_attention_blocks: list[int] | None = None,
-        disable_middle_self_attn: bool = False,
-        use_linear_in_transformer: bool = False,
-        adm_in_channels: int | None = None,
-    ):
+    def __init__(self, image_size: int | None, in_channels: int, model_channels: int, out_channels: int,
+                 num_res_blocks: int | list[int], attention_resolutions: list[int], *, n_embed: int | None = None,
+                 **encoder_args):
+        # encoder_args: the rest of the original arguments, named and defaulted as in `UNetEncoder`.
         if n_embed is not None:
             raise ValueError("UNetModel: n_embed (predicting VQ codebook ids) is not supported; set it to None")
-        super().__init__(
-            image_size, in_channels, model_channels, num_res_blocks, attention_resolutions, dropout=dropout,
-            channel_mult=channel_mult, conv_resample=conv_resample, dims=dims, num_classes=num_classes,
-            use_checkpoint=use_checkpoint, use_fp16=use_fp16, num_heads=num_heads,
-            num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
-            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order, use_spatial_transformer=use_spatial_transformer,
-            transformer_depth=transformer_depth, context_dim=context_dim, legacy=legacy,
-            disable_self_attentions=disable_self_attentions, num_attention_blocks=num_attention_blocks,
-            disable_middle_self_attn=disable_middle_self_attn, use_linear_in_transformer=use_linear_in_transformer,
-            adm_in_channels=adm_in_channels)
+        super().__init__(image_size, in_channels, model_channels, num_res_blocks, attention_resolutions,
+                         **encoder_args)
         self.out_channels = out_channels
         blocks = self.block_factory
 
@@ -318,8 +281,9 @@ class UNetModel(UNetEncoder):
                 if blocks.wants_attention(ds, level, index):
                     layers.append(blocks.attention(ch, level, upsampling=True))
                 if level and index == self.num_res_blocks[level]:
-                    up = (blocks.res_block(ch, ch, up=True) if resblock_updown
-                          else Upsample(ch, conv_resample, dims, ch))
+                    args = self.encoder_args
+                    up = (blocks.res_block(ch, ch, up=True) if args["resblock_updown"]
+                          else Upsample(ch, args["conv_resample"], args["dims"], ch))
                     layers.append(up)
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
