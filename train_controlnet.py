@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -32,11 +31,10 @@ from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import load_model
 from train_stage2 import LatentDiffusionTask, OptimConfig
-from training import TrainConfig, load_config, train
+from training import TrainConfig, train
 from training.checkpoint import load_weights
-from training.cli import run, train_parser
-from training.config import ConfigError, to_dict
-from training.loop import seed_everything
+from training.cli import run, start_run, train_parser
+from training.config import ConfigError
 
 log = logging.getLogger("train_controlnet")
 
@@ -185,15 +183,12 @@ def main() -> None:
                         help="model.safetensors written by train_stage2.py, or an original SD/LDM checkpoint")
     parser.add_argument("--original-config", help="the original YAML of an original --stage2 checkpoint")
     args = parser.parse_args()
-    cfg = load_config(args.config, ControlNetTrainConfig, args.overrides)
     if not Path(args.stage2).is_file():
         raise FileNotFoundError(f"stage-2 model not found: {args.stage2}")
-    seed_everything(cfg.train.seed)
+    cfg = start_run(args, ControlNetTrainConfig)
     model = load_model(args.stage2, args.original_config)
     check_config(cfg, model)
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     controlnet = ControlNet.from_unet(model.unet, cfg.controlnet.hint_channels, model.latent_factor)
     log.info("ControlNet %.2f M parameters (U-Net %s)", sum(p.numel() for p in controlnet.parameters()) / 1e6,

@@ -13,17 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from autoencoder import build_autoencoder, build_autoencoder_loss, measure_scale_factor
 from autoencoder.model_file import save_autoencoder
 from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig
 from data import DataConfig, build_dataset
-from training import TrainConfig, TrainingTask, load_config, train
+from training import TrainConfig, TrainingTask, train
 from training.checkpoint import load_weights
-from training.cli import run, train_parser
-from training.config import to_dict
-from training.loop import seed_everything
+from training.cli import run, start_run, train_parser
 
 log = logging.getLogger("train_stage1")
 
@@ -90,11 +87,8 @@ class AutoencoderTask(TrainingTask):
 def main() -> None:
     parser = train_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
-    cfg = load_config(args.config, Stage1Config, args.overrides)
-    seed_everything(cfg.train.seed)
+    cfg = start_run(args, Stage1Config)
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     dataset = build_dataset(cfg.data)
     task = AutoencoderTask(cfg)

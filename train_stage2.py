@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from autoencoder.model_file import load_autoencoder
@@ -24,11 +23,9 @@ from data import DataConfig, build_dataset
 from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.original_format import load_model
-from training import TrainConfig, TrainingTask, load_config, train
+from training import TrainConfig, TrainingTask, train
 from training.checkpoint import load_weights
-from training.cli import run, train_parser
-from training.config import to_dict
-from training.loop import seed_everything
+from training.cli import run, start_run, train_parser
 
 log = logging.getLogger("train_stage2")
 
@@ -143,11 +140,8 @@ def main() -> None:
     parser.add_argument("--original-config", help="the original YAML (e.g. configs/sd/v1-inference.yaml) of --init-from")
     parser.add_argument("--ema", action="store_true", help="start from the EMA weights of an original --init-from file")
     args = parser.parse_args()
-    cfg = load_config(args.config, Stage2Config, args.overrides)
-    seed_everything(cfg.train.seed)
+    cfg = start_run(args, Stage2Config)
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     if args.init_from:
         model = load_model(args.init_from, args.original_config, use_ema=args.ema)

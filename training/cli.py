@@ -4,11 +4,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import yaml
 
 from training.checkpoint import CheckpointError
-from training.config import ConfigError
-from training.loop import NonFiniteLossError
+from training.config import ConfigError, load_config, to_dict
+from training.loop import NonFiniteLossError, seed_everything
+
+T = TypeVar("T")
 
 # Errors that mean "your input is wrong" (exit 2) or "the run went wrong" (exit 1): one line each.
 BAD_INPUT = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
@@ -22,6 +27,17 @@ def train_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     return parser
+
+
+def start_run(args: argparse.Namespace, schema: type[T]) -> T:
+    """The run's config from --config and overrides; seeds everything (before any model is built,
+    so initial weights are reproducible) and records the config in the output folder."""
+    cfg = load_config(args.config, schema, args.overrides)
+    seed_everything(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return cfg
 
 
 def run(main: Callable[[], object]) -> None:
