@@ -1,0 +1,156 @@
+"""Evaluate a stage-1 autoencoder by reconstructing held-out images.
+
+    python -m autoencoder.evaluate --checkpoint autoencoder.safetensors --data shapes [--n 500] [--out results.json]
+
+Reports, as JSON, over n images of the data's test split:
+
+  psnr, ssim  per-image means, on images in [0, 1] (SSIM: 11x11 Gaussian window, sigma 1.5);
+  lpips       LPIPS (VGG unless --lpips-net) when its ImageNet backbone weights are on disk (else
+              null and a note);
+  rfid        FID of the reconstructions against the originals;
+  codebook    VQ models only: fraction of codes used and perplexity (exp of the entropy of the code
+              histogram over all evaluated latents; n_embed when codes are used evenly).
+
+KL models reconstruct from the posterior mean, so the numbers are deterministic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from autoencoder.model_file import load_autoencoder
+from autoencoder.perceptual import BACKBONE_FILES, DOWNLOAD_URL, LPIPS, default_backbone_path
+from data import build_dataset
+from metrics.eval_data import data_config, iterate_batches, subset_size
+from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
+from metrics.image_quality import psnr, ssim, to_unit_range
+from training.cli import run
+
+log = logging.getLogger("autoencoder.evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m autoencoder.evaluate",
+                                     description="PSNR, SSIM, LPIPS, rFID and codebook use of a stage-1 autoencoder.")
+    parser.add_argument("--checkpoint", required=True, help="autoencoder.safetensors written by train_stage1.py")
+    parser.add_argument("--data", required=True,
+                        help="source name (shapes, emoji, fashion-mnist) or folder / shard pattern")
+    parser.add_argument("--n", type=int, default=500, help="held-out images (default 500)")
+    parser.add_argument("--size", type=int, help="image size (default: the model's ddconfig.resolution)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="picks the subset of held-out images")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--lpips-net", default="vgg", choices=sorted(BACKBONE_FILES),
+                        help="LPIPS backbone (default vgg)")
+    parser.add_argument("--lpips-path",
+                        help="its torchvision weights file (default $TORCH_HOME/hub/checkpoints/<name>)")
+    parser.add_argument("--out", type=Path, default=Path("results.json"))
+    return parser
+
+
+def _try_lpips(net: str, path: str | None, device: str) -> tuple[LPIPS | None, str | None]:
+    """LPIPS, or (None, why not) when its ImageNet backbone weights are not on disk."""
+    resolved = Path(path).expanduser() if path else default_backbone_path(net)
+    if not resolved.is_file():
+        name = BACKBONE_FILES[net]
+        return None, (f"LPIPS skipped: the {net} backbone weights {name} were not found at {resolved}; place them "
+                      f"there (from {DOWNLOAD_URL}{name}) or pass --lpips-path")
+    try:
+        return LPIPS(net, backbone_path=resolved).to(device), None
+    except ValueError as e:
+        return None, f"LPIPS skipped: {e}"
+
+
+@torch.no_grad()
+def reconstruct(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(reconstructions [B, 3, H, W], VQ code indices (flat) or None for KL models)."""
+    if hasattr(model, "quantize"):
+        reconstructions, _, info = model(images)
+        return reconstructions, info.indices.flatten()
+    reconstructions, _ = model(images, sample_posterior=False)
+    return reconstructions, None
+
+
+def codebook_statistics(counts: torch.Tensor) -> dict:
+    """Usage (fraction of codes used at least once) and perplexity of a code histogram [n_embed]."""
+    probs = counts.double() / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return {"n_embed": counts.numel(), "usage": float((counts > 0).double().mean()),
+            "perplexity": float(entropy.exp())}
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run the evaluation `args` describes (see `build_parser`) and return the results dict."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    model, cfg, _ = load_autoencoder(args.checkpoint)
+    model = model.to(args.device)
+    size = args.size or cfg.ddconfig.resolution
+    test_set = build_dataset(data_config(args.data, size, "test"))
+    n = subset_size(test_set, args.n)
+    lpips, lpips_note = _try_lpips(args.lpips_net, args.lpips_path, args.device)
+    if lpips_note:
+        log.warning("LPIPS not computed: %s", lpips_note)
+    features = InceptionFeatures(args.device, batch_size=args.batch_size)
+
+    originals, reconstructions = FeatureStatistics(), FeatureStatistics()
+    psnrs, ssims, lpips_values = [], [], []
+    code_counts = None
+    started = time.time()
+    count = 0
+    for index, batch in enumerate(iterate_batches(test_set, n, args.batch_size, args.seed)):
+        images = batch.images.to(args.device)
+        recon, codes = reconstruct(model, images)
+        recon = recon.float().clamp(-1, 1)
+        if codes is not None:
+            counts = torch.bincount(codes.cpu(), minlength=model.quantize.n_embed)
+            code_counts = counts if code_counts is None else code_counts + counts
+        psnrs.append(psnr(to_unit_range(recon), to_unit_range(images)).cpu())
+        ssims.append(ssim(to_unit_range(recon), to_unit_range(images)).cpu())
+        if lpips is not None:
+            with torch.no_grad():
+                lpips_values.append(lpips(recon, images).flatten().double().cpu())
+        originals.update(features(images))
+        reconstructions.update(features(recon))
+        count += len(images)
+        log.info("batch %d/%d: %d images (%.0f s)", index + 1, math.ceil(n / args.batch_size), count,
+                 time.time() - started)
+
+    psnr_values = torch.cat(psnrs)
+    return {
+        "checkpoint": str(args.checkpoint),
+        "kind": cfg.kind,
+        "data": args.data,
+        "n": count,
+        "size": size,
+        # Identical images have infinite PSNR; the mean then says so rather than hiding it.
+        "psnr": float(psnr_values.mean()),
+        "ssim": float(torch.cat(ssims).mean()),
+        "lpips": float(torch.cat(lpips_values).mean()) if lpips is not None else None,
+        "lpips_net": args.lpips_net,
+        "lpips_note": lpips_note,
+        "rfid": fid_from_statistics(reconstructions, originals),
+        "codebook": codebook_statistics(code_counts) if code_counts is not None else None,
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    results = evaluate(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: results[k] for k in ("n", "psnr", "ssim", "lpips", "rfid", "codebook")}, indent=2))
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    run(main)
