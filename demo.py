@@ -31,8 +31,7 @@ def quick_model(stage1_steps: int, stage2_steps: int) -> Path:
     if not stage1.is_file():
         print("demo: no shipped model yet; training a quick one on the built-in emoji data (stage 1)")
         _python("train_stage1.py", "--config", "configs/autoencoder/kl-f4-emoji64.yaml",
-                f"train.output_dir={stage1.parent}", f"train.max_steps={stage1_steps}", "train.batch_size=16",
-                "train.checkpoint_every=1000", "train.mixed_precision=bf16", "optim.lr=1e-3", "data.source=emoji")
+                f"train.output_dir={stage1.parent}", f"train.max_steps={stage1_steps}", "train.checkpoint_every=1000")
     if not stage2.is_file():
         print("demo: training the quick model's stage 2")
         _python("train_stage2.py", "--config", "configs/ldm/emoji64.yaml", "--first-stage", stage1,

@@ -66,8 +66,10 @@ class AutoencoderTask(TrainingTask):
 
     def training_step(self, batch, step):
         x = batch["image"]
-        x_hat, reg = self.autoencoder(x)
+        x_hat, reg, *vq_info = self.autoencoder(x)  # KL: (x_hat, posterior); VQ: (x_hat, q_loss, info)
         loss, logs = self.loss.generator_loss(x, x_hat, reg, step, self.autoencoder.get_last_layer())
+        if vq_info:
+            logs.update(codebook_usage=float(vq_info[0].usage), perplexity=float(vq_info[0].perplexity))
         yield "autoencoder", loss, logs
         if self.loss.discriminator_active(step):
             d_loss, d_logs = self.loss.discriminator_loss(x, x_hat.detach(), step)

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import train_stage1
 import train_stage2
@@ -19,28 +18,27 @@ from training.checkpoint import load_weights
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _stage1_config(tmp_path: Path) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs/autoencoder/tiny-kl.yaml").read_text())
-    cfg["data"] = {"source": "shapes", "size": 32, "shapes_length": 16}
-    cfg["train"] = {"output_dir": str(tmp_path / "stage1"), "batch_size": 4, "max_steps": 3, "log_every": 1}
-    cfg["optim"] = {"lr": 1e-3}
-    cfg["scale_factor_batches"] = 2
-    path = tmp_path / "stage1.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def _run(module, argv, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["prog", *map(str, argv)])
     module.main()
 
 
+def _stage1(tmp_path: Path, config: str, monkeypatch) -> Path:
+    _run(train_stage1, ["--config", ROOT / "configs/autoencoder" / config, f"train.output_dir={tmp_path}"], monkeypatch)
+    return tmp_path / "autoencoder.safetensors"
+
+
 @pytest.fixture(scope="module")
 def stage1_file(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("s1")
     with pytest.MonkeyPatch.context() as mp:
-        _run(train_stage1, ["--config", _stage1_config(tmp_path)], mp)
-    return tmp_path / "stage1" / "autoencoder.safetensors"
+        return _stage1(tmp_path_factory.mktemp("s1"), "tiny-kl.yaml", mp)
+
+
+def test_stage1_trains_a_vq_model(tmp_path, monkeypatch):
+    model, cfg, scale = load_autoencoder(_stage1(tmp_path, "tiny-vq.yaml", monkeypatch))
+    assert cfg.kind == "vq" and 0.01 < scale < 100
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert model.decode_latents(model.encode_latents(x)).shape == x.shape
 
 
 def test_stage1_writes_autoencoder_with_scale_factor(stage1_file):

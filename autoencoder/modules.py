@@ -1,0 +1,235 @@
+"""Convolutional encoder and decoder shared by the KL and VQ autoencoders.
+
+Parameter names follow the original latent-diffusion `Encoder`/`Decoder`, so their checkpoints
+load unchanged: `down.{i}.block.{j}`, `down.{i}.downsample.conv`, `mid.{block_1,attn_1,block_2}`,
+`up.{i}.block.{j}`, `up.{i}.upsample.conv`, `norm_out`, `conv_out`. `up` is indexed by resolution
+level (`up.0` is the full-resolution level, run last), not in execution order.
+
+Every layer works on NCHW and channels_last tensors alike: `model.to(memory_format=torch.channels_last)`
+is honoured end to end (inputs are converted once, attention reads channels_last memory without a copy).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoencoder.config import DDConfig
+
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype: statistics over 32 channel groups
+    of large feature maps lose too much precision in fp16/bf16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def normalize(channels: int, groups: int = 32) -> GroupNorm32:
+    """The autoencoder's normalisation: GroupNorm with eps 1e-6 (LDM's `Normalize`, 32 groups)."""
+    return GroupNorm32(groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """norm -> SiLU -> 3x3 conv, twice, plus a (1x1-projected when channels change) skip.
+
+    x: [B, in_channels, H, W] -> [B, out_channels, H, W]. No timestep input: an autoencoder has none.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
+        super().__init__()
+        self.norm1 = normalize(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = normalize(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, with a residual connection.
+
+    q, k, v and proj_out are 1x1 convolutions (the original parameter layout); they are applied as
+    linear maps on the token view so that attention itself runs in `scaled_dot_product_attention`.
+    x: [B, C, H, W] -> [B, C, H, W].
+    """
+
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__()
+        self.norm = normalize(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    @staticmethod
+    def _linear(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+        return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = x.shape
+        # [B, H*W, C] tokens: a free view of channels_last memory, one copy for NCHW.
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, 1, height * width, c)
+        q, k, v = (self._linear(conv, tokens) for conv in (self.q, self.k, self.v))
+        out = self._linear(self.proj_out, F.scaled_dot_product_attention(q, k, v))
+        return x + out.reshape(b, height, width, c).permute(0, 3, 1, 2)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after padding one row/column at the bottom/right (the original's
+    asymmetric padding, which checkpoints depend on). [B, C, H, W] -> [B, C, H/2, W/2]."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 followed by a 3x3 conv. [B, C, H, W] -> [B, C, 2H, 2W]."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def match_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x` in channels_last when `weight` (a model's first conv) was put in channels_last.
+
+    Converting once at the model's entry is cheaper than letting every convolution convert.
+    """
+    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _attention(cfg: DDConfig, channels: int) -> nn.Module:
+    return nn.Identity() if cfg.attn_type == "none" else AttnBlock(channels, cfg.norm_num_groups)
+
+
+class MidBlock(nn.Module):
+    """ResnetBlock, attention, ResnetBlock at the lowest resolution (`mid.*`)."""
+
+    def __init__(self, cfg: DDConfig, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, cfg.dropout, cfg.norm_num_groups)
+        self.attn_1 = _attention(cfg, channels)
+        self.block_2 = ResnetBlock(channels, channels, cfg.dropout, cfg.norm_num_groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution level: ResnetBlocks, each followed by attention when `use_attn`, then an
+    optional `downsample` (encoder) or `upsample` (decoder)."""
+
+    def __init__(
+        self, cfg: DDConfig, in_channels: int, out_channels: int, num_blocks: int, use_attn: bool,
+        downsample: bool = False, upsample: bool = False,
+    ):
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+        for _ in range(num_blocks):
+            self.block.append(ResnetBlock(in_channels, out_channels, cfg.dropout, cfg.norm_num_groups))
+            if use_attn:
+                self.attn.append(_attention(cfg, out_channels))
+            in_channels = out_channels
+        self.downsample = Downsample(out_channels) if downsample else None
+        self.upsample = Upsample(out_channels) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return x
+
+
+def check_ddconfig(cfg: DDConfig) -> None:
+    """Reject ddconfigs the network cannot be built from, with a message naming the field."""
+    if not cfg.ch_mult:
+        raise ValueError("ddconfig.ch_mult must list at least one channel multiplier")
+    for mult in cfg.ch_mult:
+        if mult < 1 or (cfg.ch * mult) % cfg.norm_num_groups:
+            raise ValueError(
+                f"ddconfig: ch * ch_mult must be multiples of norm_num_groups={cfg.norm_num_groups}, "
+                f"got ch={cfg.ch}, ch_mult={cfg.ch_mult}"
+            )
+    if cfg.num_res_blocks < 1:
+        raise ValueError(f"ddconfig.num_res_blocks must be >= 1, got {cfg.num_res_blocks}")
+
+
+class Encoder(nn.Module):
+    """Image [B, in_channels, H, W] -> features [B, z_channels * (2 if double_z else 1), H/f, W/f]
+    with f = 2 ** (len(ch_mult) - 1)."""
+
+    def __init__(self, cfg: DDConfig):
+        super().__init__()
+        check_ddconfig(cfg)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        channels, resolution = cfg.ch, cfg.resolution
+        for i, mult in enumerate(cfg.ch_mult):
+            last = i == len(cfg.ch_mult) - 1
+            self.down.append(
+                Level(cfg, channels, cfg.ch * mult, cfg.num_res_blocks, resolution in cfg.attn_resolutions, downsample=not last)
+            )
+            channels = cfg.ch * mult
+            resolution = resolution if last else resolution // 2
+        self.mid = MidBlock(cfg, channels)
+        self.norm_out = normalize(channels, cfg.norm_num_groups)
+        self.conv_out = nn.Conv2d(channels, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent [B, z_channels, h, w] -> image [B, out_ch, h*f, w*f]."""
+
+    def __init__(self, cfg: DDConfig):
+        super().__init__()
+        check_ddconfig(cfg)
+        channels = cfg.ch * cfg.ch_mult[-1]
+        resolution = cfg.resolution // 2 ** (len(cfg.ch_mult) - 1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, channels, 3, padding=1)
+        self.mid = MidBlock(cfg, channels)
+        levels = []
+        for i in reversed(range(len(cfg.ch_mult))):
+            levels.insert(0, Level(
+                cfg, channels, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, resolution in cfg.attn_resolutions, upsample=i != 0
+            ))
+            channels = cfg.ch * cfg.ch_mult[i]
+            resolution = resolution * 2 if i != 0 else resolution
+        self.up = nn.ModuleList(levels)
+        self.norm_out = normalize(channels, cfg.norm_num_groups)
+        self.conv_out = nn.Conv2d(channels, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
