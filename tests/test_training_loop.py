@@ -146,3 +146,8 @@ def test_corrupt_and_missing_weights_are_clear_errors(tmp_path):
         load_weights(bad)
     with pytest.raises(CheckpointError, match="not found"):
         load_weights(tmp_path / "nope.safetensors")
+
+
+def test_max_minutes_stops_and_saves(tmp_path):
+    last = train(GanLikeTask(), NoisyRegression(), _cfg(tmp_path, max_steps=1000, max_minutes=1e-9))
+    assert last.name == "step_00000001"

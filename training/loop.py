@@ -37,6 +37,7 @@ class TrainConfig:
     output_dir: str = "runs/default"
     batch_size: int = 8
     max_steps: int = 1000
+    max_minutes: float | None = None  # also stop (and save) after this much wall time, e.g. for benchmarks
     grad_accum: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     grad_clip: float | None = 1.0
@@ -127,8 +128,9 @@ def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool =
     last_saved = pos.step if resume else -1
     running: dict[str, float] = {}
     tic, samples, micro = time.perf_counter(), 0, 0
+    started, out_of_time = tic, False
     try:
-        while pos.step < cfg.max_steps and not interrupted:
+        while pos.step < cfg.max_steps and not interrupted and not out_of_time:
             for batch in _epoch_batches(dataset, cfg, pos, accelerator):
                 pos.batch_in_epoch += 1
                 with accelerator.accumulate():
@@ -164,7 +166,11 @@ def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool =
                 if pos.step % cfg.checkpoint_every == 0 or pos.step == cfg.max_steps:
                     _save(checkpoints, pos, task, ema, accelerator)
                     last_saved = pos.step
-                if pos.step >= cfg.max_steps or interrupted:
+                out_of_time = cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
+                if pos.step >= cfg.max_steps or interrupted or out_of_time:
+                    if out_of_time and pos.step != last_saved:
+                        _save(checkpoints, pos, task, ema, accelerator)
+                        last_saved = pos.step
                     break
             else:
                 pos.epoch += 1
