@@ -8,9 +8,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from autoencoder.checkpoint import load_autoencoder_weights
+from autoencoder.base import LatentAutoencoder
 from autoencoder.config import DDConfig, ddconfig_from
-from autoencoder.modules import Decoder, Encoder, match_memory_format
+from autoencoder.modules import match_memory_format
 
 
 class DiagonalGaussianDistribution:
@@ -58,7 +58,7 @@ class DiagonalGaussianDistribution:
         return 0.5 * terms.sum(dim=tuple(dims))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(LatentAutoencoder):
     """Image [B, 3, H, W] in [-1, 1] <-> latent [B, embed_dim, H/f, W/f] with a Gaussian posterior.
 
     The constructor takes the `params` of an original LDM/SD config (`AutoencoderKL(**params)`).
@@ -81,24 +81,13 @@ class AutoencoderKL(nn.Module):
         ema_decay: float | None = None,
         learn_logvar: bool = False,
     ):
-        super().__init__()
         cfg = ddconfig_from(ddconfig)
         if not cfg.double_z:
             raise ValueError("AutoencoderKL needs ddconfig.double_z: true (the encoder emits mean and logvar)")
-        self.ddconfig = cfg
-        self.embed_dim = embed_dim
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        super().__init__(cfg, embed_dim)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, cfg.z_channels, 1)
-        if colorize_nlabels is not None:
-            self.register_buffer("colorize", torch.randn(3, colorize_nlabels, 1, 1))
-        if ckpt_path is not None:
-            load_autoencoder_weights(self, ckpt_path, ignore_keys)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.ddconfig.ch_mult) - 1)
+        self.finish(colorize_nlabels, ckpt_path, ignore_keys)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """x [B, in_channels, H, W] -> posterior over [B, embed_dim, H/f, W/f]."""
@@ -126,6 +115,3 @@ class AutoencoderKL(nn.Module):
         """Inverse of `encode_latents` (same as `decode`)."""
         return self.decode(z)
 
-    def get_last_layer(self) -> torch.Tensor:
-        """The decoder's output conv weight, where the GAN loss balances its gradient against the rest."""
-        return self.decoder.conv_out.weight

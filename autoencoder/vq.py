@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from autoencoder.checkpoint import load_autoencoder_weights
+from autoencoder.base import LatentAutoencoder
 from autoencoder.config import DDConfig, ddconfig_from
-from autoencoder.modules import Decoder, Encoder, match_memory_format
+from autoencoder.modules import match_memory_format
 
 # Rows of the [positions, n_embed] distance matrix computed at once: bounds memory at ~64 MB
 # (a 256x256 batch of 8 against 8192 codes would otherwise need 1 GB).
@@ -215,7 +215,7 @@ class VectorQuantizer(nn.Module):
         return self.embedding(indices).permute(0, 3, 1, 2)
 
 
-class VQModel(nn.Module):
+class VQModel(LatentAutoencoder):
     """Image [B, 3, H, W] in [-1, 1] <-> quantised latent [B, embed_dim, H/f, W/f].
 
     The constructor takes the `params` of an original LDM VQModel config. Training-side entries
@@ -250,28 +250,17 @@ class VQModel(nn.Module):
         ema_eps: float = 1e-5,
         dead_code_steps: int = 0,
     ):
-        super().__init__()
         cfg = ddconfig_from(ddconfig)
         if cfg.double_z:
             raise ValueError("VQModel needs ddconfig.double_z: false (the encoder emits one latent)")
-        self.ddconfig = cfg
-        self.embed_dim = embed_dim
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        super().__init__(cfg, embed_dim)
         self.quantize = VectorQuantizer(
             n_embed, embed_dim, beta=beta, legacy=legacy, codebook_ema=codebook_ema, ema_decay=ema_decay,
             ema_eps=ema_eps, dead_code_steps=dead_code_steps, remap=remap, sane_index_shape=sane_index_shape,
         )
         self.quant_conv = nn.Conv2d(cfg.z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, cfg.z_channels, 1)
-        if colorize_nlabels is not None:
-            self.register_buffer("colorize", torch.randn(3, colorize_nlabels, 1, 1))
-        if ckpt_path is not None:
-            load_autoencoder_weights(self, ckpt_path, ignore_keys)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.ddconfig.ch_mult) - 1)
+        self.finish(colorize_nlabels, ckpt_path, ignore_keys)
 
     def encode_latents(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pre-quantisation latents [B, embed_dim, h, w], what LDM's diffusion runs on for VQ models.
@@ -300,6 +289,3 @@ class VQModel(nn.Module):
         quant, q_loss, info = self.encode(x)
         return self.decode(quant), q_loss, info
 
-    def get_last_layer(self) -> torch.Tensor:
-        """The decoder's output conv weight (where the GAN loss's adaptive weight is measured)."""
-        return self.decoder.conv_out.weight
