@@ -14,7 +14,6 @@ is written.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from ldm.generation import SAMPLERS, generate_latents
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import load_model
 from ldm.samplers import SIGMA_SPACINGS
+from training.checkpoint import file_sha256
 from training.cli import run
 
 
@@ -115,14 +115,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def sha256_prefix(path: str, length: int = 12) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:length]
-
-
 def save_png(array: np.ndarray, path: Path, text: dict[str, str]) -> None:
     info = PngInfo()
     for key, value in text.items():
@@ -167,7 +159,7 @@ def load_controls(args: argparse.Namespace, model: LatentDiffusion, hints: list[
         loaded = load_controlnet(path, unet=model.unet, latent_factor=model.latent_factor, device=args.device)
         trained_on = loaded.metadata.get("stage2_sha256")
         if trained_on:
-            checkpoint_sha = checkpoint_sha or sha256_prefix(args.checkpoint, 64)
+            checkpoint_sha = checkpoint_sha or file_sha256(args.checkpoint)
             if trained_on != checkpoint_sha:
                 print(f"warning: {path} was trained on another stage-2 model than {args.checkpoint}", file=sys.stderr)
         if loaded.unet_decoder:
@@ -251,7 +243,7 @@ def generate(args: argparse.Namespace) -> None:
         "negative": args.negative, "sampler": args.sampler, "steps": args.steps, "guidance": args.cfg,
         "guidance_rescale": args.guidance_rescale, "spacing": args.spacing or SAMPLERS[args.sampler].default_spacing,
         "eta": args.eta, "size": f"{width}x{height}", "checkpoint": Path(args.checkpoint).name,
-        "checkpoint_sha256": sha256_prefix(args.checkpoint),
+        "checkpoint_sha256": file_sha256(args.checkpoint)[:12],
     }
     if init_image is not None:
         settings.update(init_image=Path(args.init_image).name,
@@ -261,7 +253,7 @@ def generate(args: argparse.Namespace) -> None:
                         repaint_jump=args.repaint_jump)
     if controls:
         settings.update(controlnets=[Path(p).name for p in args.controlnet],
-                        controlnet_sha256=[sha256_prefix(p) for p in args.controlnet],
+                        controlnet_sha256=[file_sha256(p)[:12] for p in args.controlnet],
                         control=kinds, control_images=[Path(p).name for p in args.control_image],
                         control_scales=scales, guess_mode=args.guess_mode)
         if "canny" in kinds:

