@@ -7,6 +7,8 @@ level (`up.0` is the full-resolution level, run last), not in execution order.
 
 Every layer works on NCHW and channels_last tensors alike: `model.to(memory_format=torch.channels_last)`
 is honoured end to end (inputs are converted once, attention reads channels_last memory without a copy).
+Without autograd on CPU, convolutions and projections run oneDNN kernels with the residual add fused
+and SiLU applies in place (`ldm.kernels`, `ldm.blocks.silu`); training uses plain differentiable ops.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoencoder.config import DDConfig
-
+from ldm.blocks import silu
+from ldm.kernels import conv2d, linear
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -49,9 +52,11 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        h = conv2d(silu(self.norm1(x)), self.conv1.weight, self.conv1.bias, padding=1)
+        h = self.dropout(silu(self.norm2(h)))
+        shortcut = self.nin_shortcut
+        skip = x if isinstance(shortcut, nn.Identity) else conv2d(x, shortcut.weight, shortcut.bias)
+        return conv2d(h, self.conv2.weight, self.conv2.bias, padding=1, residual=skip)
 
 
 class AttnBlock(nn.Module):
@@ -72,7 +77,7 @@ class AttnBlock(nn.Module):
 
     @staticmethod
     def _linear(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
-        return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+        return linear(tokens, conv.weight.flatten(1), conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
@@ -114,6 +119,22 @@ def match_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
         return x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _inference_layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for CPU inference, else x's own layout.
+
+    oneDNN runs the decoder's wide-image, narrow-channel convolutions faster in channels_last
+    (1 thread: the emoji kl-f4 decode of 8x4x16x16 in 123 ms instead of 147 ms, SD's kl-f8 decode
+    of 1x4x32x32 about 5% faster). Training keeps its input's layout.
+    """
+    if _is_channels_last(x) or (x.device.type == "cpu" and not torch.is_grad_enabled()):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _attention(cfg: DDConfig, channels: int) -> nn.Module:
@@ -204,7 +225,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -229,7 +250,8 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(channels, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        h = self.mid(self.conv_in(z.contiguous(memory_format=_inference_layout(z))))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(silu(self.norm_out(h)))
+        return out.contiguous(memory_format=torch.channels_last if _is_channels_last(z) else torch.contiguous_format)

@@ -5,7 +5,8 @@ the `torch.ops.mkldnn` pointwise-fusion ops that torch.compile's CPU backend use
 epilogue saves a full read and write of the output per op, and oneDNN's matmul beats the MKL
 sgemm behind `F.linear` on most U-Net shapes (up to 15% for wide layers); measured on the whole
 U-Net, 5-10% faster than the same model on F.linear/F.conv2d. Everywhere else (training, CUDA,
-fp16, autocast) they compute the same thing with ordinary differentiable PyTorch ops.
+fp16, autocast, tracing by torch.compile) they compute the same thing with ordinary differentiable
+PyTorch ops. `compile_for_inference` is the opt-in torch.compile route (bench/RESULTS.md has numbers).
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ _HAVE_ONEDNN = (torch.backends.mkldnn.is_available()
 
 
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_HAVE_ONEDNN and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    # Under torch.compile the plain ops are traced instead: inductor fuses (and pre-packs) them itself.
+    return (_HAVE_ONEDNN and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.is_autocast_enabled("cpu"))
 
 
@@ -58,3 +60,14 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = F.conv2d(x, weight, bias, stride, padding)
     return y if residual is None else y + residual
 
+
+def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile` (inductor) of `model` for inference, with its weights frozen as constants.
+
+    Opt-in: the first call compiles (about 50 s for a 3 M-parameter U-Net on this 2-core CPU, with
+    a C++ compiler), and the result does not see later changes to the weights, so it is for
+    sampling, not training. Call it under `torch.no_grad()`/`inference_mode()`; shapes are static
+    (a new batch or image size compiles again). Inside the compiled graph the layers use plain
+    ops (see `_onednn_ok`), which inductor fuses and pre-packs for oneDNN itself.
+    """
+    return torch.compile(model, dynamic=False, options={"freezing": True})
