@@ -11,14 +11,17 @@ and reports, as JSON:
                   perfect model of the training data would score with this many images (FID is
                   biased upwards at small n, so compare fid with this floor, not with zero);
   shapes          per-attribute prompt adherence from metrics.shapes_judge (data "shapes" only);
-  clip_score      mean CLIP score when open_clip weights are available (else null and a note).
+  clip_score      mean CLIP score when open_clip weights are available (else null and a note);
+  model_evaluations  U-Net calls per image (one per evaluation: guidance batches both halves).
 
 Image i is generated with seed + i, so results do not depend on --batch-size.
+
+In Python, `Evaluator` scores many settings (samplers, step counts, guidance scales, checkpoints
+of one architecture) against references it computes once; bench/quality_sweep.py drives it.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import math
@@ -32,6 +35,7 @@ from PIL import Image
 from data import build_dataset
 from ldm.generation import SAMPLERS, generate_latents
 from ldm.latent_diffusion import LatentDiffusion
+from ldm.samplers import get_sampler
 from metrics.clip_score import DEFAULT_ARCH, DEFAULT_WEIGHTS, try_load_clip_scorer
 from metrics.eval_data import data_config, iterate_batches, subset_size
 from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
@@ -39,6 +43,164 @@ from metrics.shapes_judge import ShapesJudge, adherence, parse_shapes_prompt
 from training.cli import run
 
 log = logging.getLogger("ldm.evaluate")
+HELD_OUT_CAPTIONS = "held-out captions (test split)"
+
+
+class Evaluator:
+    """Scores generation settings of a model against references computed once.
+
+    The held-out subset (its images' Inception statistics, captions and labels) and the data floor
+    are computed on first use and shared by every `run`, so a sweep pays for them once; `run` then
+    generates the n images of one setting and scores them. `set_model` swaps in another model (e.g.
+    an earlier training checkpoint) that is scored against the same references.
+
+    Args:
+        model: a `LatentDiffusion` already on `device` (put in eval mode).
+        data: source name (shapes, emoji, fashion-mnist) or folder / shard pattern; its test split
+            gives the held-out images and captions.
+        n: images per set (capped at the data set's size).
+        seed: picks the held-out and train subsets; image i is generated with seed + i.
+        size: image side in pixels (default: the model's training size, else 64).
+        prompts: used cyclically instead of the held-out captions: a list, or a text file with one
+            prompt per line.
+        train_data: training images for the data floor when they are not `data`'s train split.
+        clip: (open_clip architecture, weights tag or file) for the CLIP score, or None to skip it.
+        checkpoint: the name results give the model, e.g. its file.
+    """
+
+    def __init__(self, model: LatentDiffusion, data: str, *, n: int = 500, batch_size: int = 16, seed: int = 0,
+                 device: str | torch.device = "cpu", size: int | None = None,
+                 prompts: Sequence[str] | Path | None = None, train_data: str | None = None,
+                 clip: tuple[str, str] | None = (DEFAULT_ARCH, DEFAULT_WEIGHTS), checkpoint: str | None = None):
+        for name, value in (("n", n), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        self.model, self.checkpoint = model.eval(), checkpoint
+        self.data, self.train_data, self.seed, self.batch_size = data, train_data, seed, batch_size
+        self.size = _image_size(model, size)
+        self.test_set = build_dataset(data_config(data, self.size, "test"))
+        self.train_set, self.floor_note = None, None
+        if self.test_set.cfg.source == "webdataset" and not train_data:
+            self.floor_note = ("skipped: webdataset shards have no train/test split; "
+                               "pass the training shards as --train-data")
+            log.warning("data floor %s", self.floor_note)
+        else:
+            self.train_set = build_dataset(data_config(train_data or data, self.size, "train"))
+        self.n = min(subset_size(self.test_set, n),
+                     subset_size(self.train_set, n) if self.train_set is not None else n)
+        if isinstance(prompts, (str, Path)):
+            self.prompts_source, self.override = str(prompts), _read_prompts(Path(prompts))
+        elif prompts is not None:
+            self.override = [str(p) for p in prompts]
+            if not self.override:
+                raise ValueError("prompts: the list is empty")
+            self.prompts_source = f"{len(self.override)} given prompts"
+        else:
+            self.prompts_source, self.override = HELD_OUT_CAPTIONS, None
+        shapes = self.test_set.cfg.source == "shapes"
+        if self.override and shapes:
+            for prompt in self.override:
+                parse_shapes_prompt(prompt)  # fail before generating, not after
+
+        self.features = InceptionFeatures(device, batch_size=batch_size)
+        self.judge = ShapesJudge.load(device=device) if shapes else None
+        self.clip, self.clip_note = (None, "skipped (--no-clip)") if clip is None else try_load_clip_scorer(
+            *clip, device)
+        if self.clip_note:
+            log.warning("CLIP score not computed: %s", self.clip_note)
+        self._held_out: FeatureStatistics | None = None
+        self._floor: float | None = None
+        self.prompt_list: list[str] = []  # the prompt of image i, once the references exist
+        self.requested: list[dict] | None = None  # shapes labels the prompts ask for
+
+    def set_model(self, model: LatentDiffusion, checkpoint: str | None = None) -> None:
+        """Score `model` (same image size and data) from now on, against the same references."""
+        self.model, self.checkpoint = model.eval(), checkpoint
+
+    def held_out_statistics(self) -> FeatureStatistics:
+        """Inception statistics of the n held-out images; computed on first call (also fixes the prompts)."""
+        if self._held_out is None:
+            started, stats, captions, labels = time.time(), FeatureStatistics(), [], []
+            for batch in iterate_batches(self.test_set, self.n, self.batch_size, self.seed):
+                stats.update(self.features(batch.images))
+                captions += batch.captions
+                labels += batch.labels or []
+            self.n = stats.count  # an iterable data set may run out early
+            self.prompt_list = ([self.override[i % len(self.override)] for i in range(self.n)]
+                                if self.override else captions)
+            if self.judge is not None:
+                self.requested = [parse_shapes_prompt(p) for p in self.prompt_list] if self.override else labels
+            self._held_out = stats
+            log.info("held-out references: %d images (%.0f s)", self.n, time.time() - started)
+        return self._held_out
+
+    def data_floor(self) -> float | None:
+        """FID of n training images against the held-out ones (None without a training set); cached."""
+        if self._floor is None and self.train_set is not None:
+            held_out, train_images = self.held_out_statistics(), FeatureStatistics()
+            for batch in iterate_batches(self.train_set, self.n, self.batch_size, self.seed):
+                train_images.update(self.features(batch.images))
+            self._floor = fid_from_statistics(train_images, held_out)
+            log.info("data floor: FID %.2f at n=%d", self._floor, self.n)
+        return self._floor
+
+    def run(self, sampler: str = "ddim", steps: int = 50, cfg: float = 5.0, eta: float = 0.0,
+            save_images: Path | None = None) -> dict:
+        """Generate the n images of one setting and score them; returns the results dict (module docstring)."""
+        get_sampler(sampler)
+        if steps < 1:
+            raise ValueError(f"steps must be positive, got {steps}")
+        started = time.time()
+        held_out, floor = self.held_out_statistics(), self.data_floor()
+        generated, predicted, clip_scores = FeatureStatistics(), [], []
+        unet_calls, sampling_cpu = [0], 0.0
+        hook = self.model.unet.register_forward_hook(lambda *_: unet_calls.__setitem__(0, unet_calls[0] + 1))
+        generation_started = time.time()
+        total_batches = math.ceil(self.n / self.batch_size)
+        try:
+            for index, first in enumerate(range(0, self.n, self.batch_size)):
+                prompts = self.prompt_list[first:first + self.batch_size]
+                cpu = time.process_time()
+                latents = generate_latents(self.model, prompts, seed=self.seed + first, sampler=sampler, steps=steps,
+                                           guidance=cfg, eta=eta, height=self.size, width=self.size)
+                sampling_cpu += time.process_time() - cpu
+                images = self.model.decode_latents(latents).float().clamp(-1, 1).cpu()
+                generated.update(self.features(images))
+                if self.judge is not None:
+                    predicted += self.judge.predict(images)
+                if self.clip is not None:
+                    clip_scores.append(self.clip.scores(images, prompts))
+                if save_images:
+                    _save_pngs(images, save_images, first)
+                log.info("%s %d steps, cfg %g: batch %d/%d (%.0f s)", sampler, steps, cfg, index + 1, total_batches,
+                         time.time() - generation_started)
+        finally:
+            hook.remove()
+        generation_seconds = time.time() - generation_started
+
+        return {
+            "checkpoint": self.checkpoint,
+            "data": self.data,
+            "train_data": self.train_data or self.data,
+            "prompts": self.prompts_source,
+            "n": self.n,
+            "size": self.size,
+            "sampler": sampler,
+            "steps": steps,
+            "cfg": cfg,
+            "eta": eta,
+            "seed": self.seed,
+            "model_evaluations": _per_batch(unet_calls[0], total_batches),
+            "fid": fid_from_statistics(generated, held_out),
+            "fid_data_floor": floor,
+            "fid_data_floor_note": self.floor_note,
+            "shapes": adherence(predicted, self.requested) if self.judge is not None else None,
+            "clip_score": float(torch.cat(clip_scores).mean()) if self.clip is not None else None,
+            "clip_note": self.clip_note,
+            "seconds": {"sampling_cpu": round(sampling_cpu, 1),
+                        "generation_and_features": round(generation_seconds, 1),
+                        "total": round(time.time() - started, 1)},
+        }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-images", type=Path, help="also write the generated images as PNGs here")
     parser.add_argument("--out", type=Path, default=Path("results.json"))
     return parser
+
+
+def _per_batch(count: int, batches: int) -> int | float:
+    per_batch = count / batches
+    return int(per_batch) if per_batch.is_integer() else per_batch
 
 
 def _image_size(model: LatentDiffusion, requested: int | None) -> int:
@@ -97,75 +264,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     model = LatentDiffusion.load(args.checkpoint, device=args.device)
-    size = _image_size(model, args.size)
-    test_set = build_dataset(data_config(args.data, size, "test"))
-    train_set, floor_note = None, None
-    if test_set.cfg.source == "webdataset" and not args.train_data:
-        floor_note = "skipped: webdataset shards have no train/test split; pass the training shards as --train-data"
-        log.warning("data floor %s", floor_note)
-    else:
-        train_set = build_dataset(data_config(args.train_data or args.data, size, "train"))
-    n = min(subset_size(test_set, args.n), subset_size(train_set, args.n) if train_set is not None else args.n)
-    override = _read_prompts(args.prompts) if args.prompts else None
-    shapes = test_set.cfg.source == "shapes"
-    if override and shapes:
-        for prompt in override:
-            parse_shapes_prompt(prompt)  # fail before generating, not after
-
-    features = InceptionFeatures(args.device, batch_size=args.batch_size)
-    judge = ShapesJudge.load(device=args.device) if shapes else None
-    clip, clip_note = (None, "skipped (--no-clip)") if args.no_clip else try_load_clip_scorer(
-        args.clip_arch, args.clip_weights, args.device)
-    if clip_note:
-        log.warning("CLIP score not computed: %s", clip_note)
-
-    generated, held_out, train_images = FeatureStatistics(), FeatureStatistics(), FeatureStatistics()
-    predicted, requested, clip_scores = [], [], []
-    prompt_cycle = itertools.cycle(override) if override else None
-    started = time.time()
-    count = 0
-    total_batches = math.ceil(n / args.batch_size)
-    for index, batch in enumerate(iterate_batches(test_set, n, args.batch_size, args.seed)):
-        prompts = [next(prompt_cycle) for _ in batch.captions] if prompt_cycle else batch.captions
-        latents = generate_latents(model, prompts, seed=args.seed + count, sampler=args.sampler, steps=args.steps,
-                                   guidance=args.cfg, height=size, width=size)
-        images = model.decode_latents(latents).float().clamp(-1, 1).cpu()
-        generated.update(features(images))
-        held_out.update(features(batch.images))
-        if judge is not None:
-            predicted += judge.predict(images)
-            requested += [parse_shapes_prompt(p) for p in prompts] if override else batch.labels
-        if clip is not None:
-            clip_scores.append(clip.scores(images, prompts))
-        if args.save_images:
-            _save_pngs(images, args.save_images, count)
-        count += len(prompts)
-        log.info("batch %d/%d: %d images (%.0f s)", index + 1, total_batches, count, time.time() - started)
-    generation_seconds = time.time() - started
-    if train_set is not None:
-        for batch in iterate_batches(train_set, n, args.batch_size, args.seed):
-            train_images.update(features(batch.images))
-
-    return {
-        "checkpoint": str(args.checkpoint),
-        "data": args.data,
-        "train_data": args.train_data or args.data,
-        "prompts": str(args.prompts) if args.prompts else "held-out captions (test split)",
-        "n": count,
-        "size": size,
-        "sampler": args.sampler,
-        "steps": args.steps,
-        "cfg": args.cfg,
-        "seed": args.seed,
-        "fid": fid_from_statistics(generated, held_out),
-        "fid_data_floor": fid_from_statistics(train_images, held_out) if train_set is not None else None,
-        "fid_data_floor_note": floor_note,
-        "shapes": adherence(predicted, requested) if judge is not None else None,
-        "clip_score": float(torch.cat(clip_scores).mean()) if clip is not None else None,
-        "clip_note": clip_note,
-        "seconds": {"generation_and_features": round(generation_seconds, 1),
-                    "total": round(time.time() - started, 1)},
-    }
+    evaluator = Evaluator(model, args.data, n=args.n, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                          size=args.size, prompts=args.prompts, train_data=args.train_data,
+                          clip=None if args.no_clip else (args.clip_arch, args.clip_weights),
+                          checkpoint=str(args.checkpoint))
+    return evaluator.run(args.sampler, args.steps, args.cfg, save_images=args.save_images)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
