@@ -25,41 +25,19 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from conditioning.edges import canny, to_uint8_hwc  # noqa: E402
 from data import DataConfig, build_dataset  # noqa: E402
 from ldm.controlnet import Control, load_controlnet  # noqa: E402
 from ldm.generation import generate_latents  # noqa: E402
 from ldm.latent_diffusion import LatentDiffusion  # noqa: E402
+from metrics.edge_agreement import edge_counts, edge_f1, edge_maps  # noqa: E402
 from train_controlnet import ControlNetTrainConfig  # noqa: E402
 from training import load_config  # noqa: E402
-
-
-def edge_counts(edges: np.ndarray, target: np.ndarray, tolerance: int) -> np.ndarray:
-    """[matched generated, generated, matched target, target] edge-pixel counts of bool maps [H, W]."""
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1, 2 * tolerance + 1))
-    near_target = cv2.dilate(target.astype(np.uint8), kernel) > 0
-    near_edges = cv2.dilate(edges.astype(np.uint8), kernel) > 0
-    return np.array([(edges & near_target).sum(), edges.sum(), (target & near_edges).sum(), target.sum()],
-                    dtype=np.int64)
-
-
-def f1_from_counts(counts: np.ndarray) -> dict[str, float]:
-    precision = counts[0] / max(counts[1], 1)
-    recall = counts[2] / max(counts[3], 1)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
-
-
-def image_edges(images: torch.Tensor, low: int, high: int) -> list[np.ndarray]:
-    """Canny edge maps (bool [H, W]) of images [B, 3, H, W] in [-1, 1]."""
-    return [canny(to_uint8_hwc(image), low, high) > 0 for image in images]
 
 
 def train(args: argparse.Namespace, out: Path) -> Path:
@@ -102,11 +80,11 @@ def evaluate(args: argparse.Namespace, controlnet_path: Path) -> dict:
             batches[name] = model.decode_latents(latents).float().clamp(-1, 1).cpu()
         for name, batch in batches.items():
             images[name].append(batch)
-            for edges, target in zip(image_edges(batch, low, high), targets):
+            for edges, target in zip(edge_maps(batch, low, high), targets):
                 counts[name] += edge_counts(edges, target, args.tolerance)
         print(f"{min(first + args.batch_size, n)}/{n} conditions, {time.perf_counter() - started:.0f} s", flush=True)
 
-    results = {name: f1_from_counts(c) for name, c in counts.items()}
+    results = {name: edge_f1(c) for name, c in counts.items()}
     if not args.no_fid:
         from metrics.fid import fid
 
