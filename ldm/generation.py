@@ -52,7 +52,8 @@ def sample_latents(
 
     - text-to-image: init_latents None; starts from pure noise.
     - img2img (SDEdit): init_latents [B, C, h, w] are noised to the level of step
-      steps - int(steps * strength) and denoised from there, so int(steps * strength) steps run;
+      steps - int(steps * strength) and denoised from there, so int(steps * strength) steps run
+      (with the level count for steps where "uniform" spacing makes more levels than steps);
       strength 0 returns init_latents unchanged, 1 starts from pure noise.
     - inpainting: mask [B, 1, h, w] (1 = repaint, 0 = keep) with init_latents; before every step the
       kept region is replaced by init_latents noised to the current level, and at the end by
@@ -93,8 +94,9 @@ def sample_latents(
         pure_noise_scale = float(sigmas[0])
     noise = randn(shape, generators, device)
 
-    start = steps - int(steps * strength) if init_latents is not None else 0
-    if start == steps:
+    count = len(scales)  # = steps, except LDM's "uniform" spacing when steps does not divide T
+    start = count - int(count * strength) if init_latents is not None else 0
+    if start == count:
         return init_latents.clone()
     if start == 0:
         x = noise * pure_noise_scale

@@ -152,23 +152,23 @@ class Denoiser:
 # -- levels -----------------------------------------------------------------------------------------
 
 def make_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
-    """`steps` integer timesteps in decreasing order.
+    """About `steps` integer timesteps in decreasing order.
 
-    - "uniform": LDM's DDIM spacing, c = T // S and t = 0, c, 2c, ... plus 1 (50 of 1000: 981 .. 1).
-      LDM takes every multiple of c below T, more than S steps when S does not divide T; this keeps
-      exactly S, like diffusers' "leading" with steps_offset=1.
-    - "leading": 0, c, 2c, ... (diffusers' default, steps_offset=0).
+    - "uniform": LDM's DDIM spacing, exactly: c = T // S and every t = 0, c, 2c, ... below T, plus 1
+      (50 of 1000: 981 .. 1). When S does not divide T this is more than S steps, as in the original
+      (30 of 1000: 31 steps, 991 .. 1); fewer when the last would be T itself (3 of 1000: 667, 334, 1).
+    - "leading": S steps 0, c, 2c, ... (diffusers' default, steps_offset=0).
     - "trailing": round(T - k T / S) - 1 for k < S; always starts at T - 1 (999 .. 19).
     - "linspace": round(linspace(0, T - 1, S)): both ends, improved DDPM's respacing.
     """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must lie in [1, {num_timesteps}], got {steps}")
-    if spacing in ("uniform", "leading"):
-        offset = 1 if spacing == "uniform" else 0
-        ts = [k * (num_timesteps // steps) + offset for k in range(steps)]
-        if ts[-1] >= num_timesteps:
-            raise ValueError(f"spacing 'uniform' with {steps} of {num_timesteps} steps would reach t = {ts[-1]}; "
-                             "use 'leading', 'trailing' or 'linspace'")
+    stride = num_timesteps // steps
+    if spacing == "uniform":
+        # t = T, where the original would index past its table (e.g. 3 of 1000 steps), is left out.
+        ts = [t + 1 for t in range(0, num_timesteps, stride) if t + 1 < num_timesteps]
+    elif spacing == "leading":
+        ts = [k * stride for k in range(steps)]
     elif spacing == "trailing":
         ts = [round(num_timesteps - k * num_timesteps / steps) - 1 for k in range(steps)][::-1]
     elif spacing == "linspace" and steps == 1:

@@ -132,10 +132,13 @@ def test_timestep_spacings():
     assert make_timesteps(T, 50, "leading") == list(range(980, -1, -20))
     assert make_timesteps(T, 50, "trailing") == list(range(999, 0, -20))  # 999 .. 19
     assert make_timesteps(T, 4, "linspace") == [999, 666, 333, 0]
-    assert make_timesteps(T, 30, "uniform")[-2:] == [34, 1] and len(make_timesteps(T, 30, "uniform")) == 30
+    # As LDM's make_ddim_timesteps: every multiple of T // S below T, so 31 steps for 30 of 1000.
+    assert make_timesteps(T, 30, "uniform") == list(range(991, 0, -33))
+    assert make_timesteps(T, 7, "uniform") == [t + 1 for t in range(0, T, T // 7)][::-1]  # 8 steps, 995 .. 1
+    assert len(make_timesteps(T, 30, "leading")) == 30
     assert make_timesteps(T, T, "linspace") == list(range(T - 1, -1, -1))
-    with pytest.raises(ValueError, match="would reach t = 1000"):
-        make_timesteps(T, T, "uniform")
+    assert make_timesteps(T, 3, "uniform") == [667, 334, 1]  # LDM's 1000 would index past the table
+    assert make_timesteps(T, T, "uniform") == list(range(T - 1, 0, -1))
     with pytest.raises(ValueError, match="steps must lie"):
         make_timesteps(T, 0)
     with pytest.raises(ValueError, match="unknown timestep spacing"):
@@ -457,6 +460,29 @@ def test_inpainting_keeps_the_known_region(schedule, name, resamples):
     assert (out[~keep] - init[~keep]).abs().mean() > 0.1
     if resamples > 1:
         assert len(calls) == 8 + (resamples - 1) * 2 * 3  # jumps after steps 2, 4, 6
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_inpainting_reimposes_the_noised_known_region_before_every_step(schedule, name):
+    # The model pulls everything away from the image (eps = 3 everywhere): only re-imposition keeps
+    # the known region of every step's input at sqrt(a) * init + sqrt(1 - a) * noise.
+    init = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 3:7] = 1
+    inputs = {}
+
+    def model(x, t):
+        inputs[t[0].item()] = x.clone()  # the last call at a level is its step's (Heun and PLMS predict first)
+        return torch.full_like(x, 3.0)
+
+    denoiser = Denoiser(model, Diffusion(schedule))
+    sample_latents(denoiser, init.shape, generators=gens(0, 2), sampler=name, steps=8, init_latents=init, mask=mask)
+    keep = (mask == 0).expand_as(init)
+    assert len(inputs) >= 7
+    for t, x in inputs.items():
+        a = float(denoiser.levels.alpha_bar(t))
+        z = (x - a**0.5 * init)[keep] / (1 - a) ** 0.5
+        assert abs(z.mean()) < 0.3 and 0.7 < z.std() < 1.3, (t, z.mean().item(), z.std().item())
 
 
 def test_repaint_path():
