@@ -30,14 +30,14 @@ from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import load_model
 from ldm.samplers import SIGMA_SPACINGS
 from training.checkpoint import file_sha256
-from training.cli import run
+from training.cli import ArgumentParser, run
 
 
 CONTROL_KINDS = ("canny", "none", "map")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts-file)")
     parser.add_argument("--checkpoint", required=True,
                         help="model file written by train_stage2.py, or an original SD/LDM .ckpt/.safetensors")
@@ -176,7 +176,8 @@ def load_controls(args: argparse.Namespace, model: LatentDiffusion, hints: list[
             hint = hint.mean(dim=1, keepdim=True)
         elif net.hint_channels != hint.shape[1]:
             raise ValueError(f"{path} takes {net.hint_channels}-channel conditions; control images give 3 channels")
-        controls.append(Control(net, hint, scale=scale, guess_mode=args.guess_mode))
+        controls.append(Control(net, hint, scale=scale, guess_mode=args.guess_mode,
+                                only_mid_control=bool(loaded.metadata.get("only_mid_control", False))))
     return controls
 
 

@@ -131,7 +131,8 @@ class ControlNetTask(LatentDiffusionTask):
         with self._sampling_weights(ema):
             latents = generate_latents(self.model, list(batch["caption"][:count]), seed=s.seed, sampler=s.sampler,
                                        steps=s.steps, guidance=s.guidance, height=hints.shape[2],
-                                       width=hints.shape[3], control=[Control(self.controlnet, hints)])
+                                       width=hints.shape[3], control=[Control(
+                                           self.controlnet, hints, only_mid_control=self.cfg.controlnet.only_mid_control)])
             samples = self.model.decode_latents(latents)
         grids = {"conditions": hints * 2 - 1, "samples": samples}
         if "image" in batch:
@@ -200,7 +201,8 @@ def main() -> None:
                     unet_decoder=states.get("unet_decoder"),
                     metadata={"stage2": Path(args.stage2).name, "stage2_sha256": file_sha256(args.stage2),
                               "condition": cfg.data.condition, "canny": [cfg.data.canny_low, cfg.data.canny_high],
-                              "sd_locked": cfg.controlnet.sd_locked, "steps": cfg.train.max_steps})
+                              "sd_locked": cfg.controlnet.sd_locked, "steps": cfg.train.max_steps,
+                              "only_mid_control": cfg.controlnet.only_mid_control})
     log.info("wrote %s", out / "controlnet.safetensors")
 
 

@@ -171,6 +171,8 @@ class Control:
     hint: [1 or B, hint_channels, H, W] in [0, 1] at the output image's size.
     scale: the strength (ControlNet's `control_strength`); residual_scales optionally weights each
     residual on top (one per input block, then the middle block).
+    only_mid_control: use the middle residual alone, as a net trained with it expects (its file's
+    metadata says so); the skip residuals get weight 0.
     guess_mode: the ControlNet sees only the conditional half of a classifier-free-guidance batch
     (the unconditional prediction stays uncontrolled) and its residuals decay from deep to shallow,
     so the condition alone can steer the image, e.g. with an empty prompt.
@@ -181,6 +183,7 @@ class Control:
     scale: float = 1.0
     guess_mode: bool = False
     residual_scales: list[float] | None = None
+    only_mid_control: bool = False
 
     def weights(self) -> list[float]:
         count = len(self.net.zero_convs) + 1
@@ -188,6 +191,8 @@ class Control:
         if len(base) != count:
             raise ValueError(f"residual_scales needs {count} values (one per input block, then the middle block), "
                              f"got {len(base)}")
+        if self.only_mid_control:
+            base = [0.0] * (count - 1) + [base[-1]]
         decay = control_scales(1.0, count, self.guess_mode)
         return [self.scale * b * d for b, d in zip(base, decay)]
 
@@ -195,18 +200,16 @@ class Control:
 class ControlledModel:
     """(x_t, t, context) -> `model(x_t, t, context, control=sum of the controls' scaled residuals)`.
 
-    model: a `LatentDiffusion` (or anything taking `control=` and `only_mid_control=` like the U-Net).
+    model: a `LatentDiffusion` (or anything taking `control=` like the U-Net).
     batch: the number of images B. A call with 2B samples is classifier-free guidance's batched
     [unconditional, conditional] call (`ldm.guidance`): hints are repeated for both halves, and
     guess-mode controls run on the conditional half only.
     """
 
-    def __init__(self, model: Callable[..., Tensor], controls: Sequence[Control], batch: int,
-                 only_mid_control: bool = False):
+    def __init__(self, model: Callable[..., Tensor], controls: Sequence[Control], batch: int):
         if not controls:
             raise ValueError("ControlledModel needs at least one Control")
         self.model, self.controls, self.batch = model, list(controls), batch
-        self.only_mid_control = only_mid_control
         self.weights = [c.weights() for c in self.controls]
 
     def residuals(self, x_t: Tensor, t: Tensor, context: Tensor) -> list[Tensor]:
@@ -230,8 +233,7 @@ class ControlledModel:
         return total
 
     def __call__(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        return self.model(x_t, t, context, control=self.residuals(x_t, t, context),
-                          only_mid_control=self.only_mid_control)
+        return self.model(x_t, t, context, control=self.residuals(x_t, t, context))
 
 
 # -- files ----------------------------------------------------------------------------------------

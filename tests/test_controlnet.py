@@ -162,6 +162,17 @@ def test_several_controlnets_add_up_linearly_in_their_scales():
         torch.testing.assert_close(mid[-1], 2 * ra[-1])
 
 
+def test_only_mid_control_equals_the_unet_adding_the_middle_residual_alone():
+    unet, net = trained_pair()
+    x, t, context, hint = inputs()
+    with torch.no_grad():
+        residuals = net(x, hint, t, context)
+        expected = unet(x, t, context, control=residuals, only_mid_control=True)
+        mid_only = ControlledModel(unet, [Control(net, hint, only_mid_control=True)], batch=2)
+        torch.testing.assert_close(mid_only(x, t, context), expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(expected, unet(x, t, context, control=residuals), atol=1e-3)
+
+
 def test_guess_mode_scales_and_unconditional_half():
     assert control_scales(1.0, 13, guess_mode=True)[0] == pytest.approx(0.825**12)
     assert control_scales(2.0, 13, guess_mode=True)[-1] == 2.0
@@ -327,6 +338,28 @@ def test_train_controlnet_writes_only_the_controlnet(trained, tiny_model):
     net = load_controlnet(file).net
     assert any(conv[0].weight.any() for conv in net.zero_convs)  # it trained
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_train_controlnet_leaves_the_locked_unet_bit_identical(tiny_model, tmp_path, monkeypatch):
+    # Through the real loop and optimizer: the stage-2 model in memory after training is the file's.
+    loaded = []
+    real_load = train_controlnet.load_model
+    monkeypatch.setattr(train_controlnet, "load_model", lambda *a: loaded.append(real_load(*a)) or loaded[-1])
+    out = _train(monkeypatch, tiny_model[0], tmp_path / "locked", "train.max_steps=2")
+    before = LatentDiffusion.load(tiny_model[0]).state_dict()
+    after = loaded[0].state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert any(conv[0].weight.any() for conv in load_controlnet(out / "controlnet.safetensors").net.zero_convs)
+
+
+def test_only_mid_control_is_kept_in_the_file_and_used_by_generate(tiny_model, tmp_path, monkeypatch):
+    out = _train(monkeypatch, tiny_model[0], tmp_path / "mid", "train.max_steps=1", "controlnet.only_mid_control=true")
+    assert read_metadata(out / "controlnet.safetensors")["only_mid_control"] is True
+    model = LatentDiffusion.load(tiny_model[0])
+    args = generate.parse_args(["x", "--checkpoint", str(tiny_model[0]), "--controlnet",
+                                str(out / "controlnet.safetensors"), "--control-image", "c.png"])
+    (control,) = generate.load_controls(args, model, [torch.rand(1, 3, SIZE, SIZE)], [1.0])
+    assert control.only_mid_control and control.weights()[:-1] == [0.0] * (len(control.weights()) - 1)
 
 
 def test_train_controlnet_resume_is_exact(trained, tiny_model, tmp_path, monkeypatch):
