@@ -31,13 +31,13 @@ from data import build_dataset
 from metrics.eval_data import data_config, iterate_batches, subset_size
 from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
 from metrics.image_quality import psnr, ssim, to_unit_range
-from training.cli import run
+from training.cli import ArgumentParser, run
 
 log = logging.getLogger("autoencoder.evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m autoencoder.evaluate",
+    parser = ArgumentParser(prog="python -m autoencoder.evaluate",
                                      description="PSNR, SSIM, LPIPS, rFID and codebook use of a stage-1 autoencoder.")
     parser.add_argument("--checkpoint", required=True, help="autoencoder.safetensors written by train_stage1.py")
     parser.add_argument("--data", required=True,

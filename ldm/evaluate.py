@@ -40,7 +40,7 @@ from metrics.clip_score import DEFAULT_ARCH, DEFAULT_WEIGHTS, try_load_clip_scor
 from metrics.eval_data import data_config, iterate_batches, subset_size
 from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
 from metrics.shapes_judge import ShapesJudge, adherence, parse_shapes_prompt
-from training.cli import run
+from training.cli import ArgumentParser, run
 
 log = logging.getLogger("ldm.evaluate")
 HELD_OUT_CAPTIONS = "held-out captions (test split)"
@@ -204,7 +204,7 @@ class Evaluator:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ldm.evaluate",
+    parser = ArgumentParser(prog="python -m ldm.evaluate",
                                      description="FID, data floor, prompt adherence and CLIP score of a stage-2 model.")
     parser.add_argument("--checkpoint", required=True, help="model.safetensors written by train_stage2.py")
     parser.add_argument("--data", required=True,

@@ -172,6 +172,8 @@ SQUARE = ["--size", SIZE]
     (["--init-image", "init.png", "--size", 32], "differs from the init image"),
     (["--eta", 0.5, *SQUARE], "eta applies to the ddim sampler only"),
     (["--prompts-file", "nowhere.txt", *SQUARE], "exactly one of them"),
+    (["--steps", "many"], "argument --steps: invalid int value: 'many'"),  # argparse's errors: one line too
+    (["--spacing", "cosine"], "argument --spacing: invalid choice: 'cosine'"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(images, checkpoint, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(images)
@@ -179,6 +181,15 @@ def test_cli_bad_input_exits_2_and_writes_nothing(images, checkpoint, capsys, mo
         cli("a red apple", "--checkpoint", checkpoint, "--steps", 2, *extra, "--out", "out")
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.startswith("error:") and message in err and "\n" not in err
+    assert not (images / "out").exists()
+
+
+def test_cli_missing_prompts_file(images, checkpoint, capsys, monkeypatch):
+    monkeypatch.chdir(images)
+    with pytest.raises(SystemExit) as exit_info:
+        cli("--prompts-file", "nowhere.txt", "--checkpoint", checkpoint, "--out", "out")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: prompts file not found: nowhere.txt"
     assert not (images / "out").exists()
 
 

@@ -20,9 +20,16 @@ BAD_INPUT = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
 RUN_FAILED = (NonFiniteLossError,)
 
 
-def train_parser(description: str) -> argparse.ArgumentParser:
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (`error: <prog>: <message>`, exit code 2) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (--help lists the options)\n")
+
+
+def train_parser(description: str) -> ArgumentParser:
     """--config, --resume and trailing key=value overrides, as all three trainers take them."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML file under configs/")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
