@@ -24,8 +24,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from conditioning import drop_captions
+from conditioning.context_cache import ContextCache
 from data import DataConfig, build_dataset
-from ldm.controlnet import Control, ControlNet, save_controlnet
+from ldm.controlnet import Control, ControlledModel, ControlNet, save_controlnet
 from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import load_model
@@ -97,7 +98,7 @@ class ControlNetTask(LatentDiffusionTask):
             trainable["unet_decoder"] = nn.ModuleDict(
                 {"output_blocks": model.unet.output_blocks, "out": model.unet.out}).requires_grad_(True)
         self.trainable = nn.ModuleDict(trainable)
-        self.text_cache: dict[str, torch.Tensor] = {}
+        self.text_contexts = ContextCache(model.encode_text)  # the text encoder is frozen here
 
     def setup(self, accelerator) -> None:
         self.controlnet.to(accelerator.device)
@@ -108,14 +109,13 @@ class ControlNetTask(LatentDiffusionTask):
 
     def controlled_unet(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                         hint: torch.Tensor) -> torch.Tensor:
-        """The U-Net's prediction with the ControlNet's residuals (unit scales, as in training)."""
-        control = self.controlnet(x_t, hint, t, context)
-        return self.model.unet(x_t, t, context=context, control=control,
-                               only_mid_control=self.cfg.controlnet.only_mid_control)
+        """The U-Net's prediction with the ControlNet's residuals (unit scales), as sampling adds them."""
+        control = Control(self.controlnet, hint, only_mid_control=self.cfg.controlnet.only_mid_control)
+        return ControlledModel(self.model.unet, [control], batch=x_t.shape[0])(x_t, t, context)
 
     def training_step(self, batch, step):
         z = self.latents(batch)
-        context = self.encode_text(drop_captions(batch["caption"], self.cfg.empty_prompt_rate))
+        context = self.text_contexts(drop_captions(batch["caption"], self.cfg.empty_prompt_rate))
         terms = self.model.diffusion.training_losses(self.controlled_unet, z, {"context": context,
                                                                                "hint": batch["hint"]})
         loss = terms["loss"].mean()

@@ -19,6 +19,7 @@ from torch import nn
 
 from autoencoder.model_file import load_autoencoder
 from conditioning import drop_captions
+from conditioning.context_cache import ContextCache
 from data import DataConfig, build_dataset
 from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
@@ -65,15 +66,13 @@ class Stage2Config:
 class LatentDiffusionTask(TrainingTask):
     """One AdamW optimizer over the U-Net (and a trainable text encoder), linear warm-up."""
 
-    text_cache_size = 50_000  # contexts of a frozen encoder kept, one per distinct caption
-
     def __init__(self, cfg: Stage2Config, model: LatentDiffusion):
         self.cfg, self.model = cfg, model
         trainable = {"unet": model.unet}
         if any(p.requires_grad for p in model.text_encoder.parameters()):
             trainable["text_encoder"] = model.text_encoder
         self.trainable = nn.ModuleDict(trainable)
-        self.text_cache: dict[str, torch.Tensor] = {}
+        self.text_contexts = ContextCache(model.encode_text, frozen="text_encoder" not in trainable)
 
     def setup(self, accelerator) -> None:
         self.device = accelerator.device
@@ -97,27 +96,13 @@ class LatentDiffusionTask(TrainingTask):
 
     def training_step(self, batch, step):
         z = self.latents(batch)
-        context = self.encode_text(drop_captions(batch["caption"], self.cfg.caption_dropout))
+        context = self.text_contexts(drop_captions(batch["caption"], self.cfg.caption_dropout))
         terms = self.model.diffusion.training_losses(self.model, z, {"context": context})
         loss = terms["loss"].mean()
         logs = {"loss": loss.item(), "mse": terms["mse"].mean().item()}
         if "vlb" in terms:
             logs["vlb"] = terms["vlb"].mean().item()
         yield "unet", loss, logs
-
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """Contexts [B, L, D]. A frozen encoder is deterministic, so each distinct caption is encoded
-        once (small datasets repeat captions every epoch; this saves most of the encoder's time)."""
-        if "text_encoder" in self.trainable:
-            return self.model.encode_text(captions)
-        fresh = {}
-        new = sorted(set(captions) - self.text_cache.keys())
-        if new:
-            with torch.no_grad():
-                fresh = dict(zip(new, self.model.encode_text(new)))
-            if len(self.text_cache) + len(fresh) <= self.text_cache_size:
-                self.text_cache.update(fresh)
-        return torch.stack([fresh[c] if c in fresh else self.text_cache[c] for c in captions])
 
     @torch.no_grad()
     def images(self, batch, ema):

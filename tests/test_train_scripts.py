@@ -123,23 +123,26 @@ def test_text_conditioned_model_overfits_a_few_latents(stage1_file):
     assert after < 0.5 * before, (before, after)
 
 
-def test_frozen_text_encoder_contexts_are_computed_once_per_caption(stage1_file, monkeypatch):
+def test_frozen_text_encoder_contexts_are_computed_once_per_caption(stage1_file):
     model = _tiny_model(stage1_file).eval()
+    assert not train_stage2.LatentDiffusionTask(train_stage2.Stage2Config(model=model.cfg, data=DataConfig()),
+                                                model).text_contexts.frozen  # a trainable encoder runs every step
     model.text_encoder.requires_grad_(False)
-    task = train_stage2.LatentDiffusionTask(train_stage2.Stage2Config(model=model.cfg, data=DataConfig()), model)
+    cache = train_stage2.LatentDiffusionTask(train_stage2.Stage2Config(model=model.cfg, data=DataConfig()),
+                                             model).text_contexts
     encoded = []
-    real_encode = model.encode_text
-    monkeypatch.setattr(model, "encode_text", lambda prompts: encoded.append(list(prompts)) or real_encode(prompts))
+    cache.encode = lambda prompts: encoded.append(list(prompts)) or model.encode_text(prompts)
 
-    first = task.encode_text(["a", "b", "a", ""])
-    second = task.encode_text(["b", "", "c"])
+    first = cache(["a", "b", "a", ""])
+    second = cache(["b", "", "c"])
     assert encoded == [["", "a", "b"], ["c"]]  # each distinct caption once
-    torch.testing.assert_close(first, real_encode(["a", "b", "a", ""]))
-    torch.testing.assert_close(second, real_encode(["b", "", "c"]))
+    torch.testing.assert_close(first, model.encode_text(["a", "b", "a", ""]))
+    torch.testing.assert_close(second, model.encode_text(["b", "", "c"]))
+    assert cache.bytes == 4 * first[0].numel() * first.element_size()
 
-    task.text_cache_size = len(task.text_cache)  # full: new captions are encoded every time, not kept
-    task.encode_text(["d"]), task.encode_text(["d"])
-    assert encoded[-2:] == [["d"], ["d"]] and "d" not in task.text_cache
+    cache.max_bytes = cache.bytes  # full: new captions are encoded every time, not kept
+    cache(["d"]), cache(["d"])
+    assert encoded[-2:] == [["d"], ["d"]] and "d" not in cache.contexts
 
 
 @pytest.mark.parametrize("override,message", [
