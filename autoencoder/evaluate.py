@@ -38,7 +38,7 @@ log = logging.getLogger("autoencoder.evaluate")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m autoencoder.evaluate",
-                                     description="PSNR, SSIM, LPIPS, rFID and codebook use of a stage-1 autoencoder.")
+                            description="PSNR, SSIM, LPIPS, rFID and codebook use of a stage-1 autoencoder.")
     parser.add_argument("--checkpoint", required=True, help="autoencoder.safetensors written by train_stage1.py")
     parser.add_argument("--data", required=True,
                         help="source name (shapes, emoji, fashion-mnist) or folder / shard pattern")

@@ -38,6 +38,7 @@ from ldm.latent_diffusion import LatentDiffusion  # noqa: E402
 from metrics.edge_agreement import edge_counts, edge_f1, edge_maps  # noqa: E402
 from train_controlnet import ControlNetTrainConfig  # noqa: E402
 from training import load_config  # noqa: E402
+from training.checkpoint import write_text_atomic  # noqa: E402
 
 
 def train(args: argparse.Namespace, out: Path) -> Path:
@@ -145,7 +146,7 @@ def main() -> None:
     grid = results.pop("_grid")
     torchvision.utils.save_image(grid, out / "real_without_with.png", nrow=min(8, len(grid) // 3),
                                  normalize=True, value_range=(-1, 1))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     print(markdown(results))
 
 

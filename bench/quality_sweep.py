@@ -17,18 +17,15 @@ Results go to --out as JSON after every setting, and settings already in that fi
 so an interrupted sweep continues where it stopped. Markdown tables go to stdout and beside --out.
 
 Training minutes: the loop saves no clock, so a checkpoint's time is the modification time of its
-trainer_state.pt (the last file written into it), measured from the start of the training loop,
-which is when the loop created its tensorboard event file (the file name holds that Unix time).
-A resumed run has one event file per session; the gaps between sessions (an event file's last
-write to the next one's creation) are left out. Without event files, the run folder's config.yaml
-(written before the model is built) is the start, and that is noted in the results.
+trainer_state.pt (the last file written into it), counted from the start of the training loop as
+its tensorboard event files tell (`training.run_log.training_minutes`: the gaps between the
+sessions of a resumed run, and work a session did after its last checkpoint, are left out).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.evaluate import Evaluator  # noqa: E402
 from ldm.latent_diffusion import LatentDiffusion  # noqa: E402
-from ldm.samplers import SAMPLERS  # noqa: E402
+from ldm.samplers import SAMPLERS, make_timesteps  # noqa: E402
 from metrics.clip_score import DEFAULT_ARCH, DEFAULT_WEIGHTS  # noqa: E402
-from training.checkpoint import CheckpointDir, CheckpointError, load_weights  # noqa: E402
-from training.cli import run  # noqa: E402
+from training.checkpoint import CheckpointDir, CheckpointError, file_sha256, load_weights, write_text_atomic  # noqa: E402,E501
+from training.cli import ArgumentParser, run  # noqa: E402
+from training.run_log import training_minutes  # noqa: E402
 
 log = logging.getLogger("quality_sweep")
 
@@ -95,8 +93,12 @@ def parse_guidance(text: str) -> list[float]:
     return scales
 
 
-def expected_evaluations(sampler: str, steps: int) -> int:
-    """U-Net calls per image the samplers make (`Evaluator.run` measures them; this plans the cost)."""
+def expected_evaluations(sampler: str, steps: int, num_timesteps: int = 1000) -> int:
+    """U-Net calls per image the samplers make with their default spacing on a schedule of
+    `num_timesteps` (`Evaluator.run` measures them; this plans the cost)."""
+    spec = SAMPLERS[sampler]
+    if spec.space == "timestep":  # LDM's "uniform" spacing may give more levels than steps
+        steps = len(make_timesteps(num_timesteps, steps, spec.default_spacing))
     if sampler == "heun":
         return 2 * steps - 1  # the last step, to sigma = 0, is an Euler step
     if sampler == "plms":
@@ -120,30 +122,6 @@ def training_checkpoints(directory: Path) -> tuple[Path, list[tuple[int, Path]]]
     if not found:
         raise FileNotFoundError(f"--checkpoints-dir {directory}: no step_XXXXXXXX checkpoint folders in {root}")
     return root.parent, found
-
-
-def training_minutes(run_dir: Path, times: list[float]) -> tuple[list[float], str]:
-    """Minutes of training at the Unix times `times`, and how the start was found (module docstring)."""
-    sessions = []  # (start, last write) of each session's tensorboard event file
-    for path in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
-        created = path.name.split(".")[3]
-        if created.isdigit():
-            sessions.append((int(created), path.stat().st_mtime))
-    sessions.sort()
-    if sessions:
-        minutes = []
-        for t in times:
-            current = max((i for i, (start, _) in enumerate(sessions) if start <= t), default=None)
-            if current is None:
-                raise ValueError(f"{run_dir}: a checkpoint is older than the run's first tensorboard event file")
-            earlier = sum(min(end, sessions[i + 1][0]) - start for i, (start, end) in enumerate(sessions[:current]))
-            minutes.append((earlier + t - sessions[current][0]) / 60)
-        return minutes, f"from the training loop's start ({len(sessions)} session(s) in tensorboard/)"
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        start = config.stat().st_mtime
-        return [(t - start) / 60 for t in times], "from config.yaml's time (includes model build and latent caching)"
-    raise FileNotFoundError(f"{run_dir}: no tensorboard/ event files nor config.yaml to tell when training started")
 
 
 def load_training_weights(model: LatentDiffusion, folder: Path) -> str:
@@ -185,12 +163,9 @@ def load_results(path: Path, identity: dict) -> list[dict]:
 
 
 def write_results(path: Path, identity: dict, results: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     floor = next((r["fid_data_floor"] for r in results), None)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"config": identity, "fid_data_floor": floor, "results": results}, indent=2) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"config": identity, "fid_data_floor": floor, "results": results}, indent=2)
+                      + "\n")
 
 
 def markdown_table(first_columns: list[str], rows: list[tuple[list[str], dict]]) -> str:
@@ -215,7 +190,7 @@ def markdown_table(first_columns: list[str], rows: list[tuple[list[str], dict]])
 # -- the sweep ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="model.safetensors to sweep; with --checkpoints-dir the "
                                                         "architecture (default: the run folder's model.safetensors)")
     parser.add_argument("--checkpoints-dir", type=Path,
@@ -248,6 +223,8 @@ def _select(items: list, count: int | None) -> list:
         return items
     if count < 1:
         raise ValueError(f"--max-checkpoints must be positive, got {count}")
+    if count == 1:
+        return items[-1:]
     picks = {round(i * (len(items) - 1) / max(count - 1, 1)) for i in range(count)} | {len(items) - 1}
     return [items[i] for i in sorted(picks)]
 
@@ -271,6 +248,8 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[tuple[Setting, str, Path 
     grid = [(s, k, args.cfg) for s, k in parse_grid(args.grid)]
     guidance = [(args.sampler, args.steps, g) for g in parse_guidance(args.guidance)]
     settings = dict.fromkeys(grid + guidance)  # a guidance point on the grid runs once
+    if not settings:
+        raise ValueError("--grid none and --guidance none leave nothing to sweep")
     return args.checkpoint, [(setting, str(args.checkpoint), None) for setting in settings]
 
 
@@ -303,16 +282,25 @@ def tables(args: argparse.Namespace, evaluator: Evaluator, done: dict, checkpoin
                      + markdown_table(["sampler", "steps", "evaluations"], rows))
     scales = parse_guidance(args.guidance)
     if scales:
-        rows = [([f"{g:g}"], result(args.sampler, args.steps, g)) for g in scales]
-        parts.append(f"Against guidance ({args.sampler}, {args.steps} steps):\n\n" + markdown_table(["guidance"], rows))
+        rows = [([f"{g:g}", str(result(args.sampler, args.steps, g)["model_evaluations"])],
+                 result(args.sampler, args.steps, g)) for g in scales]
+        parts.append(f"Against guidance ({args.sampler}, {args.steps} steps):\n\n"
+                     + markdown_table(["guidance", "evaluations"], rows))
     return "\n\n".join(parts) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.out.suffix == ".md":
+        raise ValueError(f"--out {args.out}: give the results file a .json name; the tables go beside it as .md")
     checkpoint, runs = plan(args)
     settings = [setting for setting, _, _ in runs]
+    folders = [folder for _, _, folder in runs if folder is not None]
+    if folders:  # before any generation, so that a run folder without a clock fails at once
+        times, clock = training_minutes(folders[0].parent.parent,
+                                        [(f / "trainer_state.pt").stat().st_mtime for f in folders])
+        minutes = dict(zip(folders, times))
     log.info("%d settings, %d U-Net evaluations per image; roughly %.0f min at 1 thread on this CPU",
              len(settings), sum(expected_evaluations(s, k) for s, k, _ in settings),
              estimate_seconds(settings, args.n) / 60)
@@ -326,9 +314,10 @@ def main(argv: list[str] | None = None) -> dict:
     evaluator = Evaluator(model, args.data, n=args.n, batch_size=args.batch_size, seed=args.seed,
                           device=args.device, size=args.size, train_data=args.train_data,
                           clip=None if args.no_clip else (DEFAULT_ARCH, DEFAULT_WEIGHTS), checkpoint=str(checkpoint))
-    identity = {"checkpoint": str(args.checkpoints_dir or checkpoint), "data": args.data,
-                "train_data": args.train_data or args.data, "n": evaluator.n, "seed": args.seed,
-                "size": evaluator.size}
+    identity = {"checkpoint": str(args.checkpoints_dir or checkpoint), "sha256": file_sha256(checkpoint)[:12],
+                "data": args.data, "train_data": args.train_data or args.data, "n": evaluator.n, "seed": args.seed,
+                "size": evaluator.size, "threads": args.threads, "batch_size": args.batch_size,
+                "clip": not args.no_clip}
     results = load_results(args.out, identity)
     done = {_key(r): r for r in results}
     if done:
@@ -343,9 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
             evaluator.set_model(model, checkpoint=name)
         result = evaluator.run(sampler, steps, g)
         if folder is not None:
-            [minutes], clock = training_minutes(folder.parent.parent, [(folder / "trainer_state.pt").stat().st_mtime])
-            step = int(folder.name[len("step_"):])
-            result.update(step=step, minutes=round(minutes, 2), minutes_source=clock, weights=weights)
+            result.update(step=int(folder.name[len("step_"):]), minutes=round(minutes[folder], 2), minutes_source=clock,
+                          weights=weights)
         results.append(result)
         done[_key(result)] = result
         write_results(args.out, identity, results)
@@ -357,9 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
                  index + 1, len(runs), sampler, steps, g, result["fid"], result["seconds"]["total"],
                  (time.time() - started) / 60, eta / 60)
 
-    text = tables(args, evaluator, done, checkpoint, [folder for _, _, folder in runs if folder is not None])
+    text = tables(args, evaluator, done, checkpoint, folders)
     print(text)
-    args.out.with_suffix(".md").write_text(text, encoding="utf-8")
+    write_text_atomic(args.out.with_suffix(".md"), text)
     log.info("wrote %s and %s", args.out, args.out.with_suffix(".md"))
     return {"config": identity, "results": results}
 

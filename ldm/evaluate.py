@@ -40,6 +40,7 @@ from metrics.clip_score import DEFAULT_ARCH, DEFAULT_WEIGHTS, try_load_clip_scor
 from metrics.eval_data import data_config, iterate_batches, subset_size
 from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
 from metrics.shapes_judge import ShapesJudge, adherence, parse_shapes_prompt
+from training.checkpoint import write_text_atomic
 from training.cli import ArgumentParser, run
 
 log = logging.getLogger("ldm.evaluate")
@@ -205,7 +206,7 @@ class Evaluator:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m ldm.evaluate",
-                                     description="FID, data floor, prompt adherence and CLIP score of a stage-2 model.")
+                            description="FID, data floor, prompt adherence and CLIP score of a stage-2 model.")
     parser.add_argument("--checkpoint", required=True, help="model.safetensors written by train_stage2.py")
     parser.add_argument("--data", required=True,
                         help="source name (shapes, emoji, fashion-mnist) or folder / shard pattern")
@@ -275,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     results = evaluate(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k in ("n", "fid", "fid_data_floor", "shapes", "clip_score")},
                      indent=2))
     print(f"wrote {args.out}")

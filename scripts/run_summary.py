@@ -1,32 +1,16 @@
-"""A training run's log as a short markdown summary: steps, wall time, throughput, and each logged loss
-averaged over windows of the run (read from its TensorBoard scalars).
+"""A training run's log as a short markdown summary: steps, training time, throughput, and each logged
+loss averaged over windows of the run (read from its TensorBoard scalars, see training/run_log.py).
 
     python scripts/run_summary.py runs/default/stage2 [--windows 6] [--keys loss,mse]
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training.cli import ArgumentParser, run  # noqa: E402
-
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
-    """{tag: [(wall time, step, value)]} over all of the run's event files (resumed runs have several)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    files = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    if not files:
-        raise FileNotFoundError(f"{run_dir}: no TensorBoard event files in {run_dir / 'tensorboard'}")
-    scalars: dict[str, list[tuple[float, int, float]]] = {}
-    for file in files:
-        events = EventAccumulator(str(file), size_guidance={"scalars": 0})
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend((e.wall_time, e.step, e.value) for e in events.Scalars(tag))
-    return {tag: sorted(values, key=lambda v: v[1]) for tag, values in scalars.items()}
+from training.run_log import read_scalars, training_minutes  # noqa: E402
 
 
 def summary(run_dir: Path, windows: int = 6, keys: list[str] | None = None) -> str:
@@ -37,9 +21,9 @@ def summary(run_dir: Path, windows: int = 6, keys: list[str] | None = None) -> s
     if missing:
         raise ValueError(f"{run_dir}: no scalars {missing}; logged: {', '.join(sorted(scalars))}")
     steps = [s for _, s, _ in scalars[keys[0]]]
-    times = [t for t, _, _ in scalars[keys[0]]]
+    [minutes], _ = training_minutes(run_dir, [scalars[keys[0]][-1][0]])
     rate = scalars.get("samples_per_second", [])
-    lines = [f"{run_dir}: {steps[-1]} steps logged in {(times[-1] - times[0]) / 60:.1f} min of logging"
+    lines = [f"{run_dir}: {steps[-1]} steps in {minutes:.1f} min of training"
              + (f"; median {sorted(v for *_, v in rate)[len(rate) // 2]:.1f} samples/s" if rate else ""), "",
              "| steps | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     bounds = [round(i * steps[-1] / windows) for i in range(windows + 1)]

@@ -89,7 +89,7 @@ def test_references_are_computed_once_and_shared_by_other_weights(checkpoint):
     assert set(first["shapes"]) == {*sweep.ADHERENCE_COLUMNS, "all_attributes"}
 
 
-def test_run_equals_the_command_line(checkpoint, tmp_path):
+def test_cli_results_do_not_depend_on_the_batch_size(checkpoint, tmp_path):
     out = tmp_path / "results.json"
     main(["--checkpoint", str(checkpoint), "--data", "shapes", "--n", "3", "--size", str(SIZE), "--sampler", "heun",
           "--steps", "2", "--cfg", "2", "--batch-size", "2", "--no-clip", "--device", "cpu", "--out", str(out)])
@@ -118,14 +118,15 @@ def test_evaluator_rejects_bad_settings(checkpoint):
         evaluator.run("ddim", 0, 3.0)
 
 
+@pytest.mark.parametrize("steps", [4, 30])  # 30 does not divide 1000: LDM's uniform spacing makes 31 levels
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
-def test_expected_evaluations_are_what_the_samplers_call(checkpoint, sampler):
+def test_expected_evaluations_are_what_the_samplers_call(checkpoint, sampler, steps):
     model = LatentDiffusion.load(checkpoint)
     calls = []
     hook = model.unet.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
-    generate_latents(model, ["a red circle"], sampler=sampler, steps=4, guidance=3.0, height=SIZE, width=SIZE)
+    generate_latents(model, ["a red circle"], sampler=sampler, steps=steps, guidance=3.0, height=SIZE, width=SIZE)
     hook.remove()
-    assert len(calls) == sweep.expected_evaluations(sampler, 4)
+    assert len(calls) == sweep.expected_evaluations(sampler, steps)
     assert set(calls) == {2}  # guidance: conditional and unconditional halves in one call
 
 
@@ -168,18 +169,16 @@ def test_bad_guidance_and_missing_inputs_are_one_line_errors(tmp_path, checkpoin
         sweep.main([*base, "--checkpoints-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown sampler"):
         sweep.main([*base, "--checkpoint", str(checkpoint), "--grid", "ddim:2;dpm:2"])
+    with pytest.raises(ValueError, match="nothing to sweep"):
+        sweep.main([*base, "--checkpoint", str(checkpoint), "--grid", "none", "--guidance", "none"])
+    with pytest.raises(ValueError, match="give the results file a .json name"):
+        sweep.main(["--data", "shapes", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "q.md")])
 
 
-def test_training_minutes_leave_out_the_gaps_between_sessions(tmp_path):
-    events = tmp_path / "tensorboard"
-    events.mkdir()
-    t0 = 1_790_000_000
-    for start, last_write in ((t0, t0 + 600), (t0 + 1000, t0 + 2000)):  # resumed after a 400 s gap
-        path = events / f"events.out.tfevents.{start}.host.name.123.0"
-        path.touch()
-        os.utime(path, (last_write, last_write))
-    minutes, source = sweep.training_minutes(tmp_path, [t0 + 300, t0 + 1300])
-    assert minutes == pytest.approx([5.0, 15.0]) and "2 session(s)" in source
+def test_checkpoint_selection_keeps_the_last():
+    assert sweep._select(list(range(10)), 1) == [9]
+    assert sweep._select(list(range(10)), 3) == [0, 4, 9]
+    assert sweep._select(list(range(3)), 5) == [0, 1, 2]
 
 
 def test_sweep_end_to_end_resumes(checkpoint, tmp_path, monkeypatch, capsys):
