@@ -72,11 +72,14 @@ class FolderDataset(KeyedImageDataset):
         if root.is_file():
             self.images, self.captions, self.sidecars = self._scan_metadata_file(root)
         else:
+            skip = None
             if (root / cfg.split).is_dir():
                 root = root / cfg.split
             elif cfg.split == "test":
                 raise FileNotFoundError(f"split 'test' asks for a test/ subfolder, and {root} has none")
-            self.images, self.captions, self.sidecars = self._scan_directory(root)
+            elif (root / "test").is_dir():
+                skip = root / "test"  # train = everything but the held-out images
+            self.images, self.captions, self.sidecars = self._scan_directory(root, skip)
         super().__init__(cfg, where=str(root))
         if not self.images:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
@@ -89,10 +92,10 @@ class FolderDataset(KeyedImageDataset):
             )
 
     @staticmethod
-    def _scan_directory(root: Path) -> tuple[list[str], dict[str, str], set[str]]:
+    def _scan_directory(root: Path, skip: Path | None = None) -> tuple[list[str], dict[str, str], set[str]]:
         images, texts, metadata = [], set(), []
         for directory, subdirs, files in os.walk(root):
-            subdirs.sort()
+            subdirs[:] = sorted(d for d in subdirs if skip is None or Path(directory, d) != skip)
             for name in files:
                 path = os.path.normpath(os.path.join(directory, name))
                 lower = name.lower()

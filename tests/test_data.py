@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +99,14 @@ def test_folder_split_subfolders(tmp_path):
     assert len(build_dataset(DataConfig(source="folder", path=str(tmp_path), split="test", size=SIZE))) == 1
     with pytest.raises(FileNotFoundError, match="test/ subfolder"):
         build_dataset(DataConfig(source="folder", path=str(tmp_path / "train"), split="test", size=SIZE))
+
+
+def test_folder_train_split_leaves_out_a_test_subfolder(tmp_path):
+    save(noise_image(20, 20, 0), tmp_path / "a.png")
+    save(noise_image(20, 20, 1), tmp_path / "more" / "b.png")
+    save(noise_image(20, 20, 2), tmp_path / "test" / "c.png")
+    train = build_dataset(DataConfig(source="folder", path=str(tmp_path), size=SIZE))
+    assert sorted(Path(train.describe(i)).name for i in range(len(train))) == ["a.png", "b.png"]
 
 
 def test_corrupt_images_are_skipped_counted_and_reported_once(tmp_path, caplog):
