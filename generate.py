@@ -151,17 +151,15 @@ def load_condition(path: str, kind: str, low: int, high: int) -> torch.Tensor:
 
 
 def load_controls(args: argparse.Namespace, model: LatentDiffusion, hints: list[torch.Tensor],
-                  scales: list[float]) -> list[Control]:
-    """The --controlnet files as Controls; a file trained with an unlocked U-Net also sets its output blocks."""
+                  scales: list[float], checkpoint_sha: str) -> list[Control]:
+    """The --controlnet files as Controls; a file trained with an unlocked U-Net also sets its output blocks.
+    `checkpoint_sha`: the --checkpoint file's sha256, to warn about a ControlNet trained on another model."""
     controls, decoder_from = [], None
-    checkpoint_sha = None
     for path, hint, scale in zip(args.controlnet, hints, scales):
         loaded = load_controlnet(path, unet=model.unet, latent_factor=model.latent_factor, device=args.device)
         trained_on = loaded.metadata.get("stage2_sha256")
-        if trained_on:
-            checkpoint_sha = checkpoint_sha or file_sha256(args.checkpoint)
-            if trained_on != checkpoint_sha:
-                print(f"warning: {path} was trained on another stage-2 model than {args.checkpoint}", file=sys.stderr)
+        if trained_on and trained_on != checkpoint_sha:
+            print(f"warning: {path} was trained on another stage-2 model than {args.checkpoint}", file=sys.stderr)
         if loaded.unet_decoder:
             if decoder_from is not None:
                 raise ValueError(f"{decoder_from} and {path} both carry U-Net output blocks (trained with "
@@ -238,13 +236,14 @@ def generate(args: argparse.Namespace) -> None:
     model = load_model(args.checkpoint, args.config, use_ema=args.ema, device=args.device)
     if init_image is None and not hints:
         height = width = args.size or model.default_image_size
-    controls = load_controls(args, model, hints, scales)
+    checkpoint_sha = file_sha256(args.checkpoint)
+    controls = load_controls(args, model, hints, scales, checkpoint_sha)
 
     settings = {
         "negative": args.negative, "sampler": args.sampler, "steps": args.steps, "guidance": args.cfg,
         "guidance_rescale": args.guidance_rescale, "spacing": args.spacing or SAMPLERS[args.sampler].default_spacing,
         "eta": args.eta, "size": f"{width}x{height}", "checkpoint": Path(args.checkpoint).name,
-        "checkpoint_sha256": file_sha256(args.checkpoint)[:12],
+        "checkpoint_sha256": checkpoint_sha[:12],
     }
     if init_image is not None:
         settings.update(init_image=Path(args.init_image).name,

@@ -172,7 +172,8 @@ def vae_case(name: str, compile_ours: bool = False) -> Case:
 
 
 def sd_schedulers() -> tuple[Diffusion, object]:
-    """SD's noise schedule on both sides; our 'uniform' spacing is diffusers' 'leading' + steps_offset 1."""
+    """SD's noise schedule on both sides; our 'uniform' spacing is diffusers' 'leading' + steps_offset 1 when
+    the step count divides 1000 (the cases here)."""
     from diffusers import DDIMScheduler
 
     diffusion = Diffusion(NoiseSchedule.from_config(ScheduleConfig(kind="ldm-linear")))

@@ -192,7 +192,8 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
 
 
 def make_sigmas(levels: NoiseLevels, steps: int, spacing: str = "karras", rho: float = 7.0) -> Tensor:
-    """Decreasing noise levels for the sigma samplers, float64 [steps + 1] ending in 0.
+    """Decreasing noise levels for the sigma samplers, float64 [levels + 1] ending in 0 (levels = steps,
+    except that LDM's "uniform" spacing may give more, see `make_timesteps`).
 
     "karras": EDM's rho-spacing between the table's smallest and largest sigma; any timestep spacing
     of `make_timesteps`: the table sigmas at those timesteps.

@@ -358,7 +358,7 @@ def test_only_mid_control_is_kept_in_the_file_and_used_by_generate(tiny_model, t
     model = LatentDiffusion.load(tiny_model[0])
     args = generate.parse_args(["x", "--checkpoint", str(tiny_model[0]), "--controlnet",
                                 str(out / "controlnet.safetensors"), "--control-image", "c.png"])
-    (control,) = generate.load_controls(args, model, [torch.rand(1, 3, SIZE, SIZE)], [1.0])
+    (control,) = generate.load_controls(args, model, [torch.rand(1, 3, SIZE, SIZE)], [1.0], "sha")
     assert control.only_mid_control and control.weights()[:-1] == [0.0] * (len(control.weights()) - 1)
 
 

@@ -20,6 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # reading the umask means setting it; put it back at once
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or does not fit the model."""
 
@@ -86,8 +90,17 @@ def cast_weights_file(source: str | Path, target: str | Path, dtype: torch.dtype
     Our model files load into float32 modules whatever the file's precision (load_state_dict casts),
     so an fp16 copy halves what is shipped or downloaded.
     """
+    from safetensors import safe_open
+
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_weights(source).items()}
-    save_weights(tensors, target, read_metadata(source))
+    with safe_open(str(source), framework="pt") as f:
+        raw_metadata = f.metadata()  # copied as stored: not every writer's values are JSON
+    _atomic(Path(target), lambda tmp: save_file(tensors, tmp, metadata=raw_metadata))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file (results, tables) to a temporary name, then rename it into place."""
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
@@ -114,6 +127,7 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make shared checkpoints unreadable to others
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -151,6 +165,7 @@ class CheckpointDir:
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".step_{step:08d}."))
         try:
             fill(tmp)
+            os.chmod(tmp, 0o777 & ~_UMASK)  # as for files in `_atomic`
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
