@@ -1,10 +1,12 @@
-"""The main job: text-to-image from a few prompts on the built-in default model.
+"""The main job: text-to-image from a few prompts on the shipped default model, plus a ControlNet example.
 
-    python demo.py            (what `make demo` runs)
+    python demo.py [--out outputs/demo]      (what `make demo` runs)
 
-Uses `models/default/model.safetensors` when the repository ships it. Until then it trains a small
-model on the built-in emoji data first (stage 1, then stage 2, a few minutes on a CPU), keeps it in
-`runs/demo/` for the next call, and generates from that.
+Uses `models/default/` (trained by scripts/train_default_model.sh on the built-in emoji; see
+models/default/RECIPE.md). Writes `text-to-image/grid.png` (four prompts, four seeds each) and, for a
+few held-out emoji, their Canny edges (`controlnet/edges-*.png`), the images the Canny ControlNet
+draws from them (`controlnet/<name>/`) and `controlnet/overview.png` with all of them side by side.
+Under a minute on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -13,46 +15,71 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parent
-SHIPPED = ROOT / "models" / "default" / "model.safetensors"
-QUICK = ROOT / "runs" / "demo"
-PROMPTS = ["grinning face", "dog face", "sun", "green heart"]
-OUT = ROOT / "outputs" / "demo"
+MODEL_DIR = ROOT / "models" / "default"
+PROMPTS = ["grinning face", "cat face", "purple heart", "fire"]  # training captions it draws well (see RECIPE.md)
+CONTROL_EMOJI = ["crying cat face", "teapot"]  # in the held-out split
 
 
 def _python(*args) -> None:
     subprocess.run([sys.executable, *map(str, args)], check=True, cwd=ROOT)
 
 
-def quick_model(stage1_steps: int, stage2_steps: int) -> Path:
-    """Train the stage-1 and stage-2 emoji configs briefly (or reuse an earlier quick run)."""
-    stage1 = QUICK / "stage1" / "autoencoder.safetensors"
-    stage2 = QUICK / "stage2" / "model.safetensors"
-    if not stage1.is_file():
-        print("demo: no shipped model yet; training a quick one on the built-in emoji data (stage 1)")
-        _python("train_stage1.py", "--config", "configs/autoencoder/kl-f4-emoji64.yaml",
-                f"train.output_dir={stage1.parent}", f"train.max_steps={stage1_steps}", "train.checkpoint_every=1000")
-    if not stage2.is_file():
-        print("demo: training the quick model's stage 2")
-        _python("train_stage2.py", "--config", "configs/ldm/emoji64.yaml", "--first-stage", stage1,
-                f"train.output_dir={stage2.parent}", f"train.max_steps={stage2_steps}", "train.checkpoint_every=1000",
-                "train.image_every=0", "train.ema_decay=0.99", "train.batch_size=16",
-                f"latent_cache_dir={QUICK / 'latent_cache'}")
-    return stage2
+def held_out_emoji(captions: list[str]) -> dict[str, Image.Image]:
+    """The 64x64 held-out emoji with these captions, as RGB images."""
+    from data import DataConfig, build_dataset
+
+    test = build_dataset(DataConfig(source="emoji", size=64, split="test"))
+    found = {}
+    for key in range(len(test)):
+        item = test[key]
+        if item["caption"] in captions:
+            pixels = ((item["image"].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            found[item["caption"]] = Image.fromarray(pixels)
+    missing = set(captions) - found.keys()
+    if missing:
+        raise ValueError(f"not in the held-out emoji: {sorted(missing)}")
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage1-steps", type=int, default=400, help="quick model only")
-    parser.add_argument("--stage2-steps", type=int, default=300, help="quick model only")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo")
     args = parser.parse_args()
-    checkpoint = SHIPPED if SHIPPED.is_file() else quick_model(args.stage1_steps, args.stage2_steps)
-    prompts = OUT / "prompts.txt"
-    OUT.mkdir(parents=True, exist_ok=True)
+    model, controlnet = MODEL_DIR / "model.safetensors", MODEL_DIR / "controlnet-canny.safetensors"
+    for path in (model, controlnet):
+        if not path.is_file():
+            sys.exit(f"demo: {path} is missing; train it with scripts/train_default_model.sh")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    _python("generate.py", "--checkpoint", checkpoint, "--prompts-file", prompts, "--n", 4,
-            "--sampler", "dpmpp-2m", "--steps", 25, "--cfg", 3, "--out", OUT)
-    print(f"demo: {len(PROMPTS) * 4} images and grid.png in {OUT}")
+    _python("generate.py", "--checkpoint", model, "--prompts-file", prompts, "--n", 4, "--sampler", "dpmpp-2m",
+            "--steps", 25, "--cfg", 3, "--out", out / "text-to-image")
+
+    from conditioning.edges import canny, to_uint8_hwc
+    from generate import grid
+
+    rows = []
+    for caption, image in held_out_emoji(CONTROL_EMOJI).items():
+        name = caption.replace(" ", "-")
+        source = out / "controlnet" / f"source-{name}.png"
+        source.parent.mkdir(parents=True, exist_ok=True)
+        image.save(source)
+        edges = canny(to_uint8_hwc(image))
+        Image.fromarray(edges).save(out / "controlnet" / f"edges-{name}.png")
+        _python("generate.py", caption, "--checkpoint", model, "--controlnet", controlnet, "--control", "canny",
+                "--control-image", source, "--n", 4, "--sampler", "dpmpp-2m", "--steps", 25, "--cfg", 3,
+                "--out", out / "controlnet" / name)
+        generated = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((out / "controlnet" / name).glob("0*.png"))]
+        rows.append([np.asarray(image), np.repeat(edges[..., None], 3, axis=2), *generated])
+    Image.fromarray(grid(rows)).save(out / "controlnet" / "overview.png")
+    print(f"demo: images in {out / 'text-to-image'} and {out / 'controlnet'}; grids in "
+          f"{out / 'text-to-image' / 'grid.png'} and {out / 'controlnet' / 'overview.png'} "
+          "(per row: the held-out emoji, its Canny edges, four images drawn from the edges)")
 
 
 if __name__ == "__main__":
