@@ -187,7 +187,7 @@ def main() -> None:
              "locked" if cfg.controlnet.sd_locked else "output blocks trainable")
     dataset = build_dataset(cfg.data)
     if cfg.latent_cache:
-        cache = latent_cache(dataset, model.autoencoder, fingerprint(args.stage2, cfg.data), cfg.latent_cache_dir,
+        cache = latent_cache(dataset, model.autoencoder, fingerprint(args.stage2, cfg.data, dataset), cfg.latent_cache_dir,
                              num_workers=cfg.train.num_workers)
         dataset = HintedLatents(cache, dataset)
     task = ControlNetTask(cfg, model, controlnet)

@@ -161,8 +161,8 @@ def main() -> None:
 
     dataset = build_dataset(cfg.data)
     if cfg.latent_cache:
-        dataset = latent_cache(dataset, model.autoencoder, fingerprint(args.first_stage or args.init_from, cfg.data),
-                               cfg.latent_cache_dir, num_workers=cfg.train.num_workers)
+        key = fingerprint(args.first_stage or args.init_from, cfg.data, dataset)
+        dataset = latent_cache(dataset, model.autoencoder, key, cfg.latent_cache_dir, num_workers=cfg.train.num_workers)
     task = LatentDiffusionTask(cfg, model)
     last = train(task, dataset, cfg.train, resume=args.resume)
 

@@ -63,7 +63,11 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 class FolderDataset(KeyedImageDataset):
-    """Every image under `cfg.path` (recursively), sorted by path, with its caption."""
+    """Every image under `cfg.path` (recursively), sorted by path, with its caption.
+
+    Split "train" / "test" takes the `train/` / `test/` subfolder when there is one; without a
+    `train/` subfolder, the train split is everything but `test/`.
+    """
 
     def __init__(self, cfg: DataConfig):
         root = Path(cfg.path).expanduser()
@@ -127,6 +131,17 @@ class FolderDataset(KeyedImageDataset):
 
     def describe(self, index: int) -> str:
         return self.images[index]
+
+    def content_key(self, index: int) -> str:
+        path = self.images[index]
+        stat = os.stat(path)
+        if path in self.captions:
+            caption = self.captions[path]
+        elif path in self.sidecars:  # read at load time: its file's time stands for its text
+            caption = f"sidecar {os.stat(os.path.splitext(path)[0] + '.txt').st_mtime_ns}"
+        else:
+            caption = ""
+        return f"{path} {stat.st_size} {stat.st_mtime_ns} {caption}"
 
     def load(self, index: int) -> RawSample:
         path = self.images[index]

@@ -56,6 +56,10 @@ class KeyedImageDataset(torch.utils.data.Dataset):
         """Where sample `index` lives (a file path), for warnings."""
         return f"{self.where} [{index}]"
 
+    def content_key(self, index: int) -> str:
+        """A string that changes when sample `index` changes (caches of derived data compare it)."""
+        return self.describe(index)
+
     def __len__(self) -> int:
         return self.num_samples()
 

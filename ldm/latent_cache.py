@@ -36,10 +36,15 @@ class LatentCache(Dataset):
         return {"latent_mean": self.mean[i], "latent_std": self.std[i], "caption": self.captions[i]}
 
 
-def fingerprint(stage1_file: str | Path, data_cfg) -> str:
-    """sha256 over the stage-1 file's bytes and the data config."""
+def fingerprint(stage1_file: str | Path, data_cfg, dataset: Dataset | None = None) -> str:
+    """sha256 over the stage-1 file's bytes, the data config and, when given, the data set's
+    samples (their `content_key`: for a folder, each file's path, size, time and caption), so that
+    adding or changing images builds a new cache instead of reusing a stale one."""
     h = hashlib.sha256(file_sha256(stage1_file).encode())
     h.update(json.dumps(asdict(data_cfg), sort_keys=True).encode())
+    if dataset is not None and hasattr(dataset, "content_key"):
+        for index in range(len(dataset)):
+            h.update(dataset.content_key(index).encode() + b"\0")
     return h.hexdigest()
 
 

@@ -12,8 +12,9 @@ from autoencoder.model_file import load_autoencoder
 from ldm.latent_cache import fingerprint
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
 from conditioning import TextEncoderConfig
-from data import DataConfig
+from data import DataConfig, build_dataset
 from training.checkpoint import load_weights
+from training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +78,14 @@ def test_stage2_resume_is_exact_and_exports_ema(tmp_path, stage1_file, monkeypat
     assert not all(torch.equal(exported[k], a[k]) for k in exported)
 
 
+def test_a_finished_run_is_not_trained_over_without_resume(tmp_path, stage1_file, monkeypatch):
+    out = _stage2(tmp_path, stage1_file, monkeypatch, "a", "train.max_steps=2")
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run's checkpoints: pass --resume"):
+        _stage2(tmp_path, stage1_file, monkeypatch, "a", "train.max_steps=1")
+    assert (out / "model.safetensors").read_bytes() == before
+
+
 def test_latent_cache_follows_stage1_file(tmp_path, stage1_file):
     data = DataConfig(source="shapes", size=32, shapes_length=16)
     copy = tmp_path / "copy.safetensors"
@@ -85,6 +94,21 @@ def test_latent_cache_follows_stage1_file(tmp_path, stage1_file):
     copy.write_bytes(stage1_file.read_bytes() + b" ")
     assert fingerprint(copy, data) != fingerprint(stage1_file, data)
     assert fingerprint(stage1_file, data) != fingerprint(stage1_file, DataConfig(source="shapes", size=32, seed=1))
+
+
+def test_latent_cache_follows_the_images_of_a_folder(tmp_path, stage1_file):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(folder / "a.png")
+    data = DataConfig(source="folder", path=str(folder), size=32)
+    before = fingerprint(stage1_file, data, build_dataset(data))
+    assert fingerprint(stage1_file, data, build_dataset(data)) == before
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(folder / "b.png")  # an image added
+    added = fingerprint(stage1_file, data, build_dataset(data))
+    (folder / "b.txt").write_text("a blue square")  # a caption added
+    assert len({before, added, fingerprint(stage1_file, data, build_dataset(data))}) == 3
 
 
 def _tiny_model(stage1_file: Path) -> LatentDiffusion:

@@ -38,10 +38,15 @@ def train_parser(description: str) -> ArgumentParser:
 
 def start_run(args: argparse.Namespace, schema: type[T]) -> T:
     """The run's config from --config and overrides; seeds everything (before any model is built,
-    so initial weights are reproducible) and records the config in the output folder."""
+    so initial weights are reproducible) and records the config in the output folder. A folder that
+    already holds checkpoints is only continued (--resume), never silently trained over."""
     cfg = load_config(args.config, schema, args.overrides)
-    seed_everything(cfg.train.seed)
     out = Path(cfg.train.output_dir)
+    if not args.resume and any((out / "checkpoints").glob("step_*")):
+        # A fresh run there would be pruned against the old run's later steps and export its weights.
+        raise ConfigError(f"{out} already holds a run's checkpoints: pass --resume to continue it, or choose "
+                          f"another train.output_dir")
+    seed_everything(cfg.train.seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return cfg
