@@ -28,7 +28,7 @@ from ldm.controlnet import Control, load_controlnet
 from ldm.generation import SAMPLERS, generate_latents
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import load_model
-from ldm.samplers import SIGMA_SPACINGS
+from ldm.samplers import SIGMA_SPACINGS, make_timesteps
 from training.checkpoint import file_sha256
 from training.cli import ArgumentParser, run
 
@@ -47,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts-file", help="text file with one prompt per line")
     parser.add_argument("--negative", default="", help="negative prompt, used in place of the empty prompt")
     parser.add_argument("--sampler", default="dpmpp-2m", help=f"one of {', '.join(SAMPLERS)} (default dpmpp-2m)")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=25,
+                        help="sampling steps (ddim/plms with LDM's uniform spacing run one more when the "
+                             "step count does not divide the schedule's 1000; the PNG records both)")
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="phi of guidance rescale (0.7 in the paper)")
@@ -174,8 +176,7 @@ def load_controls(args: argparse.Namespace, model: LatentDiffusion, hints: list[
             hint = hint.mean(dim=1, keepdim=True)
         elif net.hint_channels != hint.shape[1]:
             raise ValueError(f"{path} takes {net.hint_channels}-channel conditions; control images give 3 channels")
-        controls.append(Control(net, hint, scale=scale, guess_mode=args.guess_mode,
-                                only_mid_control=bool(loaded.metadata.get("only_mid_control", False))))
+        controls.append(loaded.control(hint, scale=scale, guess_mode=args.guess_mode))
     return controls
 
 
@@ -245,6 +246,10 @@ def generate(args: argparse.Namespace) -> None:
         "eta": args.eta, "size": f"{width}x{height}", "checkpoint": Path(args.checkpoint).name,
         "checkpoint_sha256": checkpoint_sha[:12],
     }
+    if settings["spacing"] != "karras":  # a timestep spacing: LDM's "uniform" may run more steps than asked
+        run = len(make_timesteps(model.diffusion.num_timesteps, args.steps, settings["spacing"]))
+        if run != args.steps:
+            settings["steps_run"] = run
     if init_image is not None:
         settings.update(init_image=Path(args.init_image).name,
                         strength=args.strength if args.strength is not None else (1.0 if mask is not None else 0.6))

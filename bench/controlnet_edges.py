@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data import DataConfig, build_dataset  # noqa: E402
-from ldm.controlnet import Control, load_controlnet  # noqa: E402
+from ldm.controlnet import load_controlnet  # noqa: E402
 from ldm.generation import generate_latents  # noqa: E402
 from ldm.latent_diffusion import LatentDiffusion  # noqa: E402
 from metrics.edge_agreement import edge_counts, edge_f1, edge_maps  # noqa: E402
@@ -59,7 +59,7 @@ def train(args: argparse.Namespace, out: Path) -> Path:
 def evaluate(args: argparse.Namespace, controlnet_path: Path) -> dict:
     cfg = load_config(args.config, ControlNetTrainConfig, args.overrides)
     model = LatentDiffusion.load(args.stage2, device=args.device)
-    net = load_controlnet(controlnet_path, unet=model.unet, latent_factor=model.latent_factor, device=args.device).net
+    controlnet = load_controlnet(controlnet_path, unet=model.unet, latent_factor=model.latent_factor, device=args.device)
     data_cfg = DataConfig(**{**vars(cfg.data), "split": "test", "crop": "center", "flip": False})
     dataset = build_dataset(data_cfg)
     n = min(args.n, len(dataset))
@@ -76,7 +76,7 @@ def evaluate(args: argparse.Namespace, controlnet_path: Path) -> dict:
         common = dict(seed=args.seed + first, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                       height=data_cfg.size, width=data_cfg.size)
         batches = {"real": torch.stack([item["image"] for item in items])}
-        for name, control in (("without", None), ("with", [Control(net, hints, scale=args.scale)])):
+        for name, control in (("without", None), ("with", [controlnet.control(hints, scale=args.scale)])):
             latents = generate_latents(model, captions, control=control, **common)
             batches[name] = model.decode_latents(latents).float().clamp(-1, 1).cpu()
         for name, batch in batches.items():

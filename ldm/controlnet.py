@@ -260,6 +260,11 @@ class ControlNetFile:
     unet_decoder: dict[str, Tensor]
     metadata: dict
 
+    def control(self, hint: Tensor, scale: float = 1.0, guess_mode: bool = False) -> Control:
+        """This net as a `Control` on condition `hint`, with the settings it was trained with (only_mid_control)."""
+        return Control(self.net, hint, scale=scale, guess_mode=guess_mode,
+                       only_mid_control=bool(self.metadata.get("only_mid_control", False)))
+
 
 def load_controlnet(path: str | Path, unet: UNetModel | None = None, latent_factor: int = 8,
                     device: str | torch.device = "cpu") -> ControlNetFile:

@@ -53,7 +53,7 @@ def sample_latents(
     - text-to-image: init_latents None; starts from pure noise.
     - img2img (SDEdit): init_latents [B, C, h, w] are noised to the level of step
       steps - int(steps * strength) and denoised from there, so int(steps * strength) steps run
-      (with the level count for steps where "uniform" spacing makes more levels than steps);
+      (counting the levels the spacing gives in place of steps: LDM's "uniform" may give more);
       strength 0 returns init_latents unchanged, 1 starts from pure noise.
     - inpainting: mask [B, 1, h, w] (1 = repaint, 0 = keep) with init_latents; before every step the
       kept region is replaced by init_latents noised to the current level, and at the end by

@@ -156,7 +156,8 @@ def make_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> 
 
     - "uniform": LDM's DDIM spacing, exactly: c = T // S and every t = 0, c, 2c, ... below T, plus 1
       (50 of 1000: 981 .. 1). When S does not divide T this is more than S steps, as in the original
-      (30 of 1000: 31 steps, 991 .. 1); fewer when the last would be T itself (3 of 1000: 667, 334, 1).
+      (30 of 1000: 31 steps, 991 .. 1). A level at t = T, past the table, is left out (3 of 1000:
+      667, 334, 1; 1000 of 1000: 999 steps).
     - "leading": S steps 0, c, 2c, ... (diffusers' default, steps_offset=0).
     - "trailing": round(T - k T / S) - 1 for k < S; always starts at T - 1 (999 .. 19).
     - "linspace": round(linspace(0, T - 1, S)): both ends, improved DDPM's respacing.
