@@ -44,14 +44,14 @@ from training.run_log import training_minutes  # noqa: E402
 
 log = logging.getLogger("quality_sweep")
 
-# About 40 minutes at 1 thread for the emoji default model at n=192 (see `estimate_seconds`).
+# About 25 minutes at 1 thread for the default model at n=192 (see `estimate_seconds`).
 DEFAULT_GRID = "ddim:10,25,50,100;dpmpp-2m:5,10,15,25;euler:10,25;heun:5,10;plms:10,25;ddpm:50"
 DEFAULT_GUIDANCE = "1,2,3,5,7.5"
-# Cost model for the plan printed before a sweep, measured at 1 thread on this 2-core CPU: a
-# guided evaluation of the 10.8 M-parameter emoji U-Net on 32 latents of 16x16x4 takes ~0.5 s
-# (one unguided, half that), and Inception features ~0.25 s per 64x64 image.
-GUIDED_EVALUATION_SECONDS_PER_IMAGE = 0.5 / 32
-INCEPTION_SECONDS_PER_IMAGE = 0.25
+# Cost model for the plan printed before a sweep, measured at 1 thread on this 2-core CPU with the
+# default model (7.2 M-parameter U-Net, 16x16x4 latents): a guided U-Net evaluation costs ~9 ms per
+# image (an unguided one half that), Inception features, decoding and judging ~0.18 s per image.
+GUIDED_EVALUATION_SECONDS_PER_IMAGE = 0.009
+INCEPTION_SECONDS_PER_IMAGE = 0.18
 ADHERENCE_COLUMNS = ("num_objects", "background", "shape", "color", "size", "position")
 
 Setting = tuple[str, int, float]  # sampler, steps, guidance
@@ -152,7 +152,8 @@ def _key(result: dict) -> tuple:
 
 
 def load_results(path: Path, identity: dict) -> list[dict]:
-    """Results already in `path` for the same references (data, n, seed, size), else []."""
+    """Results already in `path` for the same sweep (`identity`: model file and its sha256, data, n, seed,
+    size, threads, batch size, CLIP on or off), else []; another sweep in the file is an error."""
     if not path.is_file():
         return []
     saved = json.loads(path.read_text(encoding="utf-8"))

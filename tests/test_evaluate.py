@@ -3,7 +3,6 @@ against the same references) and bench/quality_sweep.py (grid parsing, cost acco
 clock, a tiny end-to-end sweep that resumes, the training-checkpoints mode)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,19 +16,12 @@ from ldm.evaluate import Evaluator, main
 from ldm.generation import SAMPLERS, generate_latents
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
 from training.checkpoint import save_torch, save_weights
+from conftest import load_script
 
 SIZE = 32  # the shapes judge reads 32-pixel scenes; the tiny autoencoder halves once
 
 
-def _load_sweep():
-    path = Path(__file__).resolve().parents[1] / "bench" / "quality_sweep.py"
-    spec = importlib.util.spec_from_file_location("quality_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_sweep()
+sweep = load_script("bench/quality_sweep.py")
 
 
 def _tiny_model(seed: int = 0) -> LatentDiffusion:

@@ -165,13 +165,18 @@ def test_fp16_copy_keeps_metadata_and_integer_tensors(tmp_path):
     assert torch.equal(half["step"], weights["step"])
     assert read_metadata(tmp_path / "b.safetensors") == {"format": "ldm-stage2", "config": {"x": [1, 2]}}
     assert (tmp_path / "b.safetensors").stat().st_size < (tmp_path / "a.safetensors").stat().st_size
+    save_weights({"w": torch.tensor([1e6])}, tmp_path / "big.safetensors")
+    with pytest.raises(CheckpointError, match="1 tensors do not fit torch.float16"):
+        cast_weights_file(tmp_path / "big.safetensors", tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
 
 
-def test_written_files_and_checkpoint_folders_follow_the_umask(tmp_path):
+def test_written_files_and_checkpoint_folders_follow_the_umask(tmp_path, monkeypatch):
     # Not mkstemp's 0600: others on a shared machine may read what the umask lets them.
     from training import checkpoint
 
+    monkeypatch.setattr(checkpoint, "_UMASK", 0o022)
     checkpoint.save_weights({"w": torch.zeros(1)}, tmp_path / "a.safetensors")
     folder = CheckpointDir(tmp_path / "c").write(1, lambda f: None)
-    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o666 & ~checkpoint._UMASK
-    assert folder.stat().st_mode & 0o777 == 0o777 & ~checkpoint._UMASK
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o755

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from ldm.attention import AttentionBlock, attention_backend, get_attention_backe
 from ldm.blocks import GroupNorm32, timestep_embedding
 from ldm.kernels import conv2d, linear
 from ldm.unet import UNetModel
+from conftest import load_script
 
 SD1 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
            num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
@@ -373,19 +373,11 @@ def test_strict_state_dict_round_trip():
 # ----------------------------------------------------------------------------- diffusers oracle
 
 
-def _load_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "unet_speed.py"
-    spec = importlib.util.spec_from_file_location("unet_speed", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("config", [TINY, TINY_SD2], ids=["sd1-style", "sd2-style"])
 def test_matches_diffusers_with_the_same_weights(config):
     pytest.importorskip("diffusers")
     model = tiny_model(config)
-    twin = _load_bench().diffusers_twin(model, config)
+    twin = load_script("bench/unet_speed.py").diffusers_twin(model, config)
     x, t, context = tiny_inputs(config, size=16)
     with torch.no_grad():
         ours = model(x, t, context)

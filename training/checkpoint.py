@@ -92,7 +92,12 @@ def cast_weights_file(source: str | Path, target: str | Path, dtype: torch.dtype
     """
     from safetensors import safe_open
 
+    if Path(source).suffix != ".safetensors":
+        raise CheckpointError(f"{source}: cast_weights_file copies .safetensors files only")
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_weights(source).items()}
+    overflow = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if overflow:
+        raise CheckpointError(f"{source}: {len(overflow)} tensors do not fit {dtype} (e.g. {overflow[0]})")
     with safe_open(str(source), framework="pt") as f:
         raw_metadata = f.metadata()  # copied as stored: not every writer's values are JSON
     _atomic(Path(target), lambda tmp: save_file(tensors, tmp, metadata=raw_metadata))

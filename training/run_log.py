@@ -62,7 +62,10 @@ def training_minutes(run_dir: Path, times: list[float]) -> tuple[list[float], st
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
-    """{tag: [(wall time, step, value)]} by step; where sessions overlap (a resume), the later one's value."""
+    """{tag: [(wall time, step, value)]} by step; where sessions overlap (a resume), the later one's value.
+
+    Steps an earlier session logged after its last checkpoint and the later session never reached
+    again are kept: the log cannot tell them from steps that count."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     found = sessions(run_dir)
