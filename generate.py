@@ -28,7 +28,7 @@ from ldm.controlnet import Control, load_controlnet
 from ldm.generation import SAMPLERS, generate_latents
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import load_model
-from ldm.samplers import SIGMA_SPACINGS, make_timesteps
+from ldm.samplers import SIGMA_SPACINGS, default_spacing, make_timesteps
 from training.checkpoint import file_sha256
 from training.cli import ArgumentParser, run
 
@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="phi of guidance rescale (0.7 in the paper)")
-    parser.add_argument("--spacing", choices=SIGMA_SPACINGS, help="noise-level spacing (default per sampler)")
+    parser.add_argument("--spacing", choices=SIGMA_SPACINGS,
+                        help="noise-level spacing (default per sampler; trailing for zero-terminal-SNR models)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (ddim only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -242,7 +243,8 @@ def generate(args: argparse.Namespace) -> None:
 
     settings = {
         "negative": args.negative, "sampler": args.sampler, "steps": args.steps, "guidance": args.cfg,
-        "guidance_rescale": args.guidance_rescale, "spacing": args.spacing or SAMPLERS[args.sampler].default_spacing,
+        "guidance_rescale": args.guidance_rescale,
+        "spacing": args.spacing or default_spacing(args.sampler, model.diffusion.schedule),
         "eta": args.eta, "size": f"{width}x{height}", "checkpoint": Path(args.checkpoint).name,
         "checkpoint_sha256": checkpoint_sha[:12],
     }

@@ -20,6 +20,7 @@ from .guidance import ClassifierFreeGuidance
 from .samplers import (
     SAMPLERS,
     Denoiser,
+    default_spacing,
     get_sampler,
     make_sigmas,
     make_timesteps,
@@ -59,11 +60,12 @@ def sample_latents(
       kept region is replaced by init_latents noised to the current level, and at the end by
       init_latents themselves. repaint_resamples > 1 adds RePaint's resampling (ddpm, ddim): every
       `repaint_jump` steps go back up that many levels and denoise again.
-    spacing: level spacing (see `samplers.make_timesteps` / `make_sigmas`), default per sampler.
+    spacing: level spacing (see `samplers.make_timesteps` / `make_sigmas`); default
+        `samplers.default_spacing` (per sampler; trailing on a zero-terminal-SNR schedule).
     eta: DDIM's stochasticity (ddim only).
     """
     spec = get_sampler(sampler)
-    spacing = spacing or spec.default_spacing
+    spacing = spacing or default_spacing(sampler, denoiser.diffusion.schedule)
     batch = shape[0]
     if len(generators) != batch:
         raise ValueError(f"got {len(generators)} generators for a batch of {batch}")

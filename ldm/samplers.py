@@ -490,3 +490,13 @@ def get_sampler(name: str) -> SamplerSpec:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r} (expected one of {', '.join(SAMPLERS)})")
     return SAMPLERS[name]
+
+
+def default_spacing(name: str, schedule: NoiseSchedule) -> str:
+    """The level spacing sampler `name` uses unless told: its own, or "trailing" on a zero-terminal-SNR
+    schedule, where sampling must start at t = T - 1 (pure noise) for images to get their own mean
+    brightness (Lin et al. 2023). PLMS keeps its own there: its eps-based steps cannot start at T - 1."""
+    spec = get_sampler(name)
+    if schedule.has_zero_terminal_snr and name != "plms":
+        return "trailing"
+    return spec.default_spacing

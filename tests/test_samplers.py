@@ -13,6 +13,7 @@ from ldm.samplers import (
     Denoiser,
     NoiseLevels,
     adams_bashforth,
+    default_spacing,
     eps_x0_from_output,
     get_sampler,
     karras_sigmas,
@@ -310,6 +311,20 @@ def test_zero_terminal_snr_v_model_starts_from_pure_noise(name):
     assert x.mean().item() == pytest.approx(expected_output(name, denoiser.levels)[0], abs=0.01)
     with pytest.raises(ValueError, match="plms"):
         sample_plms(denoiser, noise, make_timesteps(T, 10, "trailing"))
+
+
+def test_zero_terminal_snr_schedules_default_to_trailing_spacing():
+    from ldm.schedule import rescale_zero_terminal_snr
+
+    zero_snr = NoiseSchedule(rescale_zero_terminal_snr(make_betas("ldm-linear")))
+    assert [default_spacing(n, zero_snr) for n in ("ddim", "ddpm", "euler", "plms")] == [
+        "trailing", "trailing", "trailing", "uniform"]  # PLMS cannot start at T - 1
+    assert default_spacing("ddim", NoiseSchedule(make_betas("ldm-linear"))) == "uniform"
+    calls = []
+    denoiser = Denoiser(lambda x, t: calls.append(t[0].item()) or torch.zeros_like(x),
+                        Diffusion(zero_snr, parameterization="v"))
+    sample_latents(denoiser, (1, 1, 2, 2), generators=gens(0, 1), sampler="ddim", steps=10)
+    assert calls[0] == T - 1 and len(calls) == 10  # starts from pure noise
 
 
 def test_ddpm_fixed_variances(schedule):
