@@ -10,6 +10,8 @@ Reports, as JSON, over n images of the data's test split:
   rfid        FID of the reconstructions against the originals;
   codebook    VQ models only: fraction of codes used and perplexity (exp of the entropy of the code
               histogram over all evaluated latents; n_embed when codes are used evenly).
+  shapes      data "shapes" only: the shapes judge's per-attribute accuracy on the reconstructions,
+              the most prompt adherence a stage-2 model can reach through this autoencoder.
 
 KL models reconstruct from the posterior mean, so the numbers are deterministic.
 """
@@ -31,6 +33,7 @@ from data import build_dataset
 from metrics.eval_data import data_config, iterate_batches, subset_size
 from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
 from metrics.image_quality import psnr, ssim, to_unit_range
+from metrics.shapes_judge import ShapesJudge, adherence
 from training.cli import ArgumentParser, run
 
 log = logging.getLogger("autoencoder.evaluate")
@@ -99,6 +102,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if lpips_note:
         log.warning("LPIPS not computed: %s", lpips_note)
     features = InceptionFeatures(args.device, batch_size=args.batch_size)
+    judge = ShapesJudge.load(device=args.device) if test_set.cfg.source == "shapes" else None
+    predicted, wanted = [], []
 
     originals, reconstructions = FeatureStatistics(), FeatureStatistics()
     psnrs, ssims, lpips_values = [], [], []
@@ -117,6 +122,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         if lpips is not None:
             with torch.no_grad():
                 lpips_values.append(lpips(recon, images).flatten().double().cpu())
+        if judge is not None:
+            predicted += judge.predict(recon)
+            wanted += batch.labels
         originals.update(features(images))
         reconstructions.update(features(recon))
         count += len(images)
@@ -138,6 +146,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "lpips_note": lpips_note,
         "rfid": fid_from_statistics(reconstructions, originals),
         "codebook": codebook_statistics(code_counts) if code_counts is not None else None,
+        "shapes": adherence(predicted, wanted) if judge is not None else None,
         "seconds": round(time.time() - started, 1),
     }
 
@@ -147,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = evaluate(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({k: results[k] for k in ("n", "psnr", "ssim", "lpips", "rfid", "codebook")}, indent=2))
+    print(json.dumps({k: results[k] for k in ("n", "psnr", "ssim", "lpips", "rfid", "codebook", "shapes")}, indent=2))
     print(f"wrote {args.out}")
     return results
 

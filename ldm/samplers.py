@@ -412,7 +412,11 @@ def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: G
 def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: Generators = None,
                 before_step: BeforeStep | None = None, callback: Callback | None = None,
                 progress: bool = False) -> Tensor:
-    """Heun's second-order method (EDM, Algorithm 1 without churn); the last step to 0 is Euler."""
+    """Heun's second-order method (EDM, Algorithm 1 without churn); the last step to 0 is Euler.
+
+    So is a first step from the zero-terminal-SNR stand-in sigma: from 4096 to a few, the trapezoid
+    multiplies the difference of the two slopes (noise estimates) by ~sigma / 2, while Euler there
+    is the exact DDIM step."""
     sigmas = sigmas.tolist()
     for i, _ in _steps(range(len(sigmas)), progress):
         if before_step is not None:
@@ -421,7 +425,7 @@ def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: Ge
         denoised = denoiser.denoise(x, sigma)
         d = (x - denoised) / sigma
         x_next = x + d * (sigma_next - sigma)
-        if sigma_next > 0:
+        if 0 < sigma_next and sigma < ZERO_SNR_SIGMA_MAX:
             d_next = (x_next - denoiser.denoise(x_next, sigma_next)) / sigma_next
             x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
         x = x_next

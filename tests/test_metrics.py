@@ -378,6 +378,23 @@ def test_autoencoder_evaluate_end_to_end(tmp_path):
     codebook = results["codebook"]
     assert codebook["n_embed"] == 16 and 0 < codebook["usage"] <= 1
     assert 1.0 <= codebook["perplexity"] <= codebook["usage"] * 16 + 1e-9
+    assert all(0.0 <= v <= 1.0 for v in results["shapes"].values())
+
+
+def test_autoencoder_evaluate_judges_reconstructions_on_shapes(tmp_path, monkeypatch):
+    """Perfect reconstructions score the judge's own accuracy (all right here), so the shapes
+    numbers are about the reconstructions, not the originals."""
+    import autoencoder.evaluate as ae_evaluate
+
+    cfg = AutoencoderConfig(ddconfig=DDConfig(**TINY_DDCONFIG))
+    save_autoencoder(build_autoencoder(cfg), cfg, tmp_path / "ae.safetensors", scale_factor=1.0)
+    args = ["--checkpoint", str(tmp_path / "ae.safetensors"), "--data", "shapes", "--n", "8", "--batch-size", "4",
+            "--device", "cpu", "--lpips-path", str(tmp_path / "absent.pth")]
+    random_model = ae_evaluate.main([*args, "--out", str(tmp_path / "random.json")])["shapes"]
+    assert random_model["all_attributes"] == 0.0
+    monkeypatch.setattr(ae_evaluate, "reconstruct", lambda model, images: (images, None))
+    perfect = ae_evaluate.main([*args, "--out", str(tmp_path / "perfect.json")])["shapes"]
+    assert perfect == {name: 1.0 for name in perfect}
 
 
 def test_autoencoder_evaluate_parts(tmp_path, monkeypatch):
