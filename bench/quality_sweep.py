@@ -11,7 +11,8 @@ Inception statistics and data floor (n training images vs those held-out ones: w
 model would score at this n) are computed once. The grid is `sampler:steps,...;sampler:...`; the
 guidance sweep runs at `--sampler`/`--steps`. "evaluations" counts U-Net calls per image, as
 measured: classifier-free guidance batches both halves into one call, Heun makes two per step
-except the last, PLMS two in its first step.
+except the last (and the first, from pure noise, on a zero-terminal-SNR schedule), PLMS two in its
+first step.
 
 Results go to --out as JSON after every setting, and settings already in that file are skipped,
 so an interrupted sweep continues where it stopped. Markdown tables go to stdout and beside --out.
