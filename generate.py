@@ -25,10 +25,11 @@ from PIL.PngImagePlugin import PngInfo
 
 from conditioning.edges import canny_hint
 from ldm.controlnet import Control, load_controlnet
+from ldm.denoiser import SIGMA_SPACINGS, make_timesteps
 from ldm.generation import SAMPLERS, generate_latents
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import load_model
-from ldm.samplers import SIGMA_SPACINGS, default_spacing, make_timesteps
+from ldm.samplers import default_spacing
 from training.checkpoint import file_sha256
 from training.cli import ArgumentParser, run
 

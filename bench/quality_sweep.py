@@ -35,9 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm.denoiser import make_timesteps  # noqa: E402
 from ldm.evaluate import Evaluator  # noqa: E402
 from ldm.latent_diffusion import LatentDiffusion  # noqa: E402
-from ldm.samplers import SAMPLERS, make_timesteps  # noqa: E402
+from ldm.samplers import SAMPLERS  # noqa: E402
 from metrics.clip_score import DEFAULT_ARCH, DEFAULT_WEIGHTS  # noqa: E402
 from training.checkpoint import CheckpointDir, CheckpointError, file_sha256, load_weights, write_text_atomic  # noqa: E402,E501
 from training.cli import ArgumentParser, run  # noqa: E402

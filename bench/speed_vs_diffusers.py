@@ -49,11 +49,12 @@ from unet_speed import diffusers_config, randomize_zero_init  # noqa: E402
 
 from autoencoder.config import DDConfig  # noqa: E402
 from autoencoder.kl import AutoencoderKL  # noqa: E402
+from ldm.denoiser import Denoiser  # noqa: E402
 from ldm.diffusion import Diffusion  # noqa: E402
 from ldm.generation import sample_latents  # noqa: E402
 from ldm.guidance import ClassifierFreeGuidance  # noqa: E402
 from ldm.kernels import compile_for_inference  # noqa: E402
-from ldm.samplers import Denoiser, randn  # noqa: E402
+from ldm.samplers import randn  # noqa: E402
 from ldm.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
 from ldm.unet import UNetModel  # noqa: E402
 

@@ -17,17 +17,8 @@ from torch import Tensor
 
 from .controlnet import Control, ControlledModel
 from .guidance import ClassifierFreeGuidance
-from .samplers import (
-    SAMPLERS,
-    Denoiser,
-    default_spacing,
-    get_sampler,
-    make_sigmas,
-    make_timesteps,
-    randn,
-    randn_like,
-    repaint_path,
-)
+from .denoiser import Denoiser, make_sigmas, make_timesteps
+from .samplers import SAMPLERS, default_spacing, get_sampler, randn, randn_like, repaint_path
 
 __all__ = ["SAMPLERS", "Control", "generate_latents", "latent_mask", "sample_latents"]
 
@@ -60,7 +51,7 @@ def sample_latents(
       kept region is replaced by init_latents noised to the current level, and at the end by
       init_latents themselves. repaint_resamples > 1 adds RePaint's resampling (ddpm, ddim): every
       `repaint_jump` steps go back up that many levels and denoise again.
-    spacing: level spacing (see `samplers.make_timesteps` / `make_sigmas`); default
+    spacing: level spacing (see `denoiser.make_timesteps` / `make_sigmas`); default
         `samplers.default_spacing` (per sampler; trailing on a zero-terminal-SNR schedule).
     eta: DDIM's stochasticity (ddim only).
     """

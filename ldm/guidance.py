@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .diffusion import Diffusion
-from .samplers import NoiseLevels, eps_x0_from_output, output_from_eps_x0
+from .denoiser import NoiseLevels, eps_x0_from_output, output_from_eps_x0
 
 ConditionalModel = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, context) -> raw output
 

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm.schedule import NoiseSchedule, make_betas
+
 # Hub look-ups hang for minutes on a machine without network; every test runs offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -18,6 +20,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    """SD's / LDM's 1000-step scaled-linear schedule (0.00085 .. 0.012)."""
+    return NoiseSchedule(make_betas("ldm-linear"))
 
 
 def load_script(relative_path: str):

@@ -24,11 +24,6 @@ from ldm.vlb import discretized_gaussian_nll
 T = 1000
 
 
-@pytest.fixture(scope="module")
-def schedule():
-    return NoiseSchedule(make_betas("ldm-linear"))
-
-
 def float64_tables(betas):
     betas = betas.double()
     ab = torch.cumprod(1 - betas, 0)
