@@ -18,7 +18,7 @@ from torch import nn
 
 from autoencoder.config import DDConfig
 from ldm.blocks import silu
-from ldm.kernels import conv2d, linear
+from ldm.kernels import conv2d, linear, upsample_conv2d
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -108,7 +108,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv2d(x, self.conv.weight, self.conv.bias)
 
 
 def match_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.kernels import conv2d
+from ldm.kernels import conv2d, upsample_conv2d
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -89,6 +89,8 @@ class Upsample(nn.Module):
             raise ValueError("Upsample without a conv cannot change the number of channels")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_conv and self.conv.padding == (1, 1):
+            return upsample_conv2d(x, self.conv.weight, self.conv.bias)
         x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
 

@@ -1,11 +1,16 @@
-"""Inference fast paths against the plain autograd path: the autoencoder's fused oneDNN kernels and
-channels_last decoding, and tracing under torch.compile (ldm/kernels.py, autoencoder/modules.py)."""
+"""Inference fast paths against the plain ops they replace: the autoencoder's fused oneDNN kernels
+and channels_last decoding, the folded upsampling conv, short-context attention, and tracing under
+torch.compile (ldm/kernels.py, ldm/attention.py, autoencoder/modules.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from autoencoder.config import DDConfig
 from autoencoder.kl import AutoencoderKL
+from ldm.attention import _short_context_on_cpu, attention, reference_attention
+from ldm.kernels import upsample_conv2d
 from ldm.unet import UNetModel
 
 TINY_VAE = DDConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=16, norm_num_groups=8)
@@ -67,4 +72,63 @@ def test_unet_traces_plain_ops_under_torch_compile():
         expected = model(x, t, context)
         torch.testing.assert_close(compiled(x, t, context), expected, atol=1e-5, rtol=1e-5)
     assert any("conv2d" in op for op in traced_ops)
+    assert any("scaled_dot_product_attention" in op for op in traced_ops)  # not the short-context path
     assert not any("mkldnn" in op for op in traced_ops)
+
+
+def upsample_then_conv(x, weight, bias):
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_folded_upsample_conv_matches_upsampling_then_conv(layout, with_bias):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 7, generator=generator).contiguous(memory_format=layout)  # odd, non-square
+    weight = torch.randn(10, 6, 3, 3, generator=generator)
+    bias = torch.randn(10, generator=generator) if with_bias else None
+    with torch.no_grad():
+        out = upsample_conv2d(x, weight, bias)
+    assert out.shape == (2, 10, 10, 14)
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, upsample_then_conv(x, weight, bias), atol=1e-5, rtol=1e-5)
+
+
+def test_folded_upsample_conv_in_bfloat16_stays_close_to_float32():
+    generator = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(1, 8, 4, 4, generator=generator), torch.randn(8, 8, 3, 3, generator=generator) * 0.1
+    with torch.no_grad():
+        half = upsample_conv2d(x.bfloat16(), weight.bfloat16())
+    reference = upsample_then_conv(x, weight, None)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - reference).abs().max() < 0.02 * reference.abs().max()
+
+
+def test_folded_upsample_conv_follows_weight_updates_and_keeps_gradients():
+    generator = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 6, 6, generator=generator)
+    with torch.no_grad():
+        first = upsample_conv2d(x, conv.weight, conv.bias)
+        conv.weight.mul_(-2.0)  # an in-place update, as an optimizer or EMA makes
+        second = upsample_conv2d(x, conv.weight, conv.bias)
+        torch.testing.assert_close(second, upsample_then_conv(x, conv.weight, conv.bias), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(first, second)
+    with torch.inference_mode():  # weights made in inference mode have no version counter
+        fresh = torch.randn(4, 4, 3, 3, generator=generator)
+        torch.testing.assert_close(upsample_conv2d(x, fresh), upsample_then_conv(x, fresh, None), atol=1e-5, rtol=1e-5)
+    out = upsample_conv2d(x.requires_grad_(), conv.weight, conv.bias)  # training: the plain ops
+    out.square().sum().backward()
+    assert conv.weight.grad is not None and x.grad.shape == x.shape
+
+
+def test_short_context_attention_matches_reference():
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 12, 3, 8, generator=generator)  # [B, L, H, D]
+    k, v = (torch.randn(2, 5, 3, 8, generator=generator) for _ in range(2))
+    with torch.no_grad():
+        assert _short_context_on_cpu(q, k)
+        torch.testing.assert_close(attention(q, k, v), reference_attention(q, k, v), atol=1e-6, rtol=1e-5)
+        long_k = torch.randn(2, 200, 3, 8, generator=generator)
+        assert not _short_context_on_cpu(q, long_k)
+    assert not _short_context_on_cpu(q, k)  # autograd: the SDPA path
