@@ -3,7 +3,7 @@
 Kernels ("backends"), chosen globally with `set_attention_backend`:
   - "sdpa": `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels).
   - "xformers": `xformers.ops.memory_efficient_attention` (CUDA only).
-  - "reference": softmax(Q K^T / sqrt(d)) V written out, for tests.
+  - "reference": softmax(Q K^T / sqrt(d)) V written out, for tests (and short contexts, below).
   - "auto" (default): xformers for CUDA tensors when it is installed, sdpa otherwise; in CPU
     float32 inference, attention over a short context (text tokens) is written out instead.
 
@@ -15,7 +15,6 @@ output projection (see ldm.kernels).
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.blocks import normalization, zero_module
-from ldm.kernels import linear
+from ldm.kernels import linear, memory_format_of
 
 BACKENDS = ("auto", "sdpa", "xformers", "reference")
 _backend = "auto"
@@ -62,9 +61,10 @@ def attention_backend(name: str) -> Iterator[None]:
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) V, with the softmax in float32. q: [B, Lq, H, D], k, v: [B, Lk, H, D]."""
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
-    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()).to(q.dtype)
+    """softmax(Q K^T / sqrt(d)) V written out, with matmuls over head-major views and the softmax in
+    float32. q: [B, Lq, H, D], k, v: [B, Lk, H, D] -> [B, Lq, H, D]."""
+    scores = torch.matmul(q.transpose(1, 2).float(), k.permute(0, 2, 3, 1).float()).mul_(q.shape[-1] ** -0.5)
+    return torch.matmul(scores.softmax(dim=-1), v.transpose(1, 2).float()).transpose(1, 2).to(q.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     backend = _backend
     if backend == "auto":
         if _short_context_on_cpu(q, k):
-            return _explicit_attention(q, k, v)
+            return reference_attention(q, k, v)
         backend = "xformers" if _xops is not None and q.is_cuda else "sdpa"
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -99,12 +99,6 @@ def _short_context_on_cpu(q: torch.Tensor, k: torch.Tensor) -> bool:
             and k.shape[1] <= 96 and q.shape[-1] <= 64 and b * heads * queries * k.shape[1] <= 2**18)
 
 
-def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) V with matmuls over head-major views. Shapes as `attention`."""
-    scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)).mul_(q.shape[-1] ** -0.5)
-    return torch.matmul(scores.softmax(dim=-1), v.transpose(1, 2)).transpose(1, 2)
-
-
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, H*W, C] as a view (for NCHW memory its channel stride is H*W)."""
     b, c, height, width = x.shape
@@ -115,11 +109,7 @@ def from_tokens(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B, H*W, C] -> [B, C, H, W] in the memory format of the image `like`."""
     b, _, height, width = like.shape
     image = tokens.reshape(b, height, width, tokens.shape[-1]).permute(0, 3, 1, 2)  # channels_last view
-    return image.contiguous(memory_format=torch.channels_last if _is_channels_last(like) else torch.contiguous_format)
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return image.contiguous(memory_format=memory_format_of(like))
 
 
 class CrossAttention(nn.Module):

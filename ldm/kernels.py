@@ -65,18 +65,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y if residual is None else y + residual
 
 
-def _derived(weight: torch.Tensor, name: str, make) -> torch.Tensor:
-    """`make(weight)`, cached on the weight tensor until its data changes (new storage or an
-    in-place write: optimizer steps, `copy_`, `load_state_dict`)."""
-    try:
-        stamp = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
-    except RuntimeError:  # tensors made under inference_mode have no version counter to key on
-        return make(weight)
-    cache = weight.__dict__.setdefault("_ldm_derived", {})
-    hit = cache.get(name)
-    if hit is None or hit[0] != stamp:
-        hit = cache[name] = (stamp, make(weight))
-    return hit[1]
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """torch.channels_last for a 4-D tensor laid out channels_last (and not also contiguous), else
+    torch.contiguous_format: the layout an op's output should keep."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 # Output pixel 2i + a of a nearest 2x upsampling followed by a 3x3 conv (padding 1) sees input rows
@@ -93,6 +87,19 @@ def upsample_phase_weights(weight: torch.Tensor) -> torch.Tensor:
     return phases.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype).contiguous()
 
 
+def _cached_upsample_phase_weights(weight: torch.Tensor) -> torch.Tensor:
+    """`upsample_phase_weights(weight)`, kept on the weight tensor until its data changes (new
+    storage or an in-place write: optimizer steps, EMA, `copy_`, `load_state_dict`)."""
+    try:
+        stamp = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
+    except RuntimeError:  # tensors made under inference_mode have no version counter to key on
+        return upsample_phase_weights(weight)
+    cached = getattr(weight, "_upsample_phase_weights", None)
+    if cached is None or cached[0] != stamp:
+        cached = weight._upsample_phase_weights = (stamp, upsample_phase_weights(weight))
+    return cached[1]
+
+
 def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """conv2d(nearest_upsample_2x(x), weight, bias, padding=1) for a 3x3 `weight`.
 
@@ -106,12 +113,11 @@ def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
     b, _, height, width = x.shape
     out_channels = weight.shape[0]
-    phases = _derived(weight, "upsample_phases", upsample_phase_weights)
+    phases = _cached_upsample_phase_weights(weight)
     # Padded 2x2 conv: phase (a, b)'s value for output pixel (2i + a, 2j + b) sits at (i + a, j + b).
     y = conv2d(x, phases, None if bias is None else bias.repeat(4), padding=1).unflatten(1, (2, 2, out_channels))
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
-    out = torch.empty(b, out_channels, 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=layout)
+    out = torch.empty(b, out_channels, 2 * height, 2 * width, dtype=x.dtype, device=x.device,
+                      memory_format=memory_format_of(x))
     out_phases = out.unflatten(3, (width, 2)).unflatten(2, (height, 2))  # [B, O, H, 2, W, 2], a view
     for a in (0, 1):
         for c in (0, 1):
