@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conditioning import CLIPBPETokenizer
 from ldm.schedule import NoiseSchedule, make_betas
 
 # Hub look-ups hang for minutes on a machine without network; every test runs offline.
@@ -26,6 +27,20 @@ def one_thread():
 def schedule():
     """SD's / LDM's 1000-step scaled-linear schedule (0.00085 .. 0.012)."""
     return NoiseSchedule(make_betas("ldm-linear"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> CLIPBPETokenizer:
+    """The CLIP BPE tokenizer on its bundled vocabulary."""
+    return CLIPBPETokenizer()
+
+
+def float64_tables(betas):
+    """betas, alpha-bars and previous alpha-bars in float64, the closed forms tests compare against."""
+    betas = betas.double()
+    ab = torch.cumprod(1 - betas, 0)
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    return betas, ab, ab_prev
 
 
 def load_script(relative_path: str):
