@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +26,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from conditioning.edges import canny_hint
 from ldm.controlnet import Control, load_controlnet
-from ldm.denoiser import SIGMA_SPACINGS, make_timesteps
+from ldm.denoiser import SIGMA_SPACINGS, NoiseLevels
 from ldm.generation import SAMPLERS, generate_latents
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import load_model
-from ldm.samplers import default_spacing
-from training.checkpoint import file_sha256
-from training.cli import ArgumentParser, run
+from ldm.sampling_options import SamplingOptions
+from common.weights import file_sha256
+from common.cli import ArgumentParser, run
 
 
 CONTROL_KINDS = ("canny", "none", "map")
@@ -183,11 +184,10 @@ def load_controls(args: argparse.Namespace, model: LatentDiffusion, hints: list[
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """What can be checked without the model."""
-    if args.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {args.sampler!r} (expected one of {', '.join(SAMPLERS)})")
-    if args.n < 1 or args.steps < 1 or (args.batch_size is not None and args.batch_size < 1):
-        raise ValueError("--n, --steps and --batch-size must be positive")
+    """What can be checked of the flags and files without the model (the sampling settings are checked
+    by `sampling_options`)."""
+    if args.n < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise ValueError("--n and --batch-size must be positive")
     if args.mask and not args.init_image:
         raise ValueError("--mask needs --init-image (the image to inpaint)")
     if args.strength is not None and not args.init_image:
@@ -211,61 +211,83 @@ def check_args(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"ControlNet file not found: {path}")
 
 
-def generate(args: argparse.Namespace) -> None:
-    prompts = read_prompts(args)
-    check_args(args)
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    """The sampling settings of the command line, validated (a bad one is a one-line error naming it).
+    The size is --size here; `generate` sets it from the images or the model when that is not given."""
+    return SamplingOptions(sampler=args.sampler, steps=args.steps, guidance=args.cfg,
+                           guidance_rescale=args.guidance_rescale, eta=args.eta, spacing=args.spacing, seed=args.seed,
+                           height=args.size, width=args.size, negative=args.negative, strength=args.strength,
+                           repaint_jump=args.repaint_jump, repaint_resamples=args.repaint_resamples)
+
+
+def check_size(args: argparse.Namespace, what: str, image: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of an image [1, C, H, W] that sets the output size; --size, if given, must agree."""
+    height, width = image.shape[2:]
+    if args.size is not None and (args.size, args.size) != (height, width):
+        raise ValueError(f"--size {args.size} differs from the {what}'s {width}x{height}; "
+                         "leave it out or resize the image")
+    return height, width
+
+
+def read_images(args: argparse.Namespace, kinds: list[str]) -> tuple:
+    """(init image, mask, condition images, output size or None): the size is set by the init image or,
+    without one, by the condition images (pixel-aligned with the output)."""
     init_image = load_image(args.init_image, "RGB") if args.init_image else None
     mask = load_image(args.mask, "L") if args.mask else None
+    size = None
     if init_image is not None:
-        height, width = init_image.shape[2:]
-        if args.size is not None and (args.size, args.size) != (height, width):
-            raise ValueError(f"--size {args.size} differs from the init image's {width}x{height}; "
-                             "leave it out or resize the image")
+        size = height, width = check_size(args, "init image", init_image)
         if mask is not None and mask.shape[2:] != init_image.shape[2:]:
             raise ValueError(f"mask is {mask.shape[3]}x{mask.shape[2]} but the init image is {width}x{height}")
-    kinds = per_control(args.control, len(args.controlnet), "none")
-    scales = per_control(args.control_scale, len(args.controlnet), 1.0)
     hints = [load_condition(path, kind, args.canny_low, args.canny_high)
              for path, kind in zip(args.control_image, kinds)]
-    if hints and init_image is None:  # conditions are pixel-aligned with the output: they set its size
-        height, width = hints[0].shape[2:]
-        if args.size is not None and (args.size, args.size) != (height, width):
-            raise ValueError(f"--size {args.size} differs from the control image's {width}x{height}; "
-                             "leave it out or resize the image")
+    if hints and init_image is None:
+        size = check_size(args, "control image", hints[0])
     for path, hint in zip(args.control_image, hints):
-        if hint.shape[2:] != (height, width):
+        if hint.shape[2:] != size:
             raise ValueError(f"control image {path} is {hint.shape[3]}x{hint.shape[2]} but the output is "
-                             f"{width}x{height}; resize it to the output size")
-    model = load_model(args.checkpoint, args.config, use_ema=args.ema, device=args.device)
-    if init_image is None and not hints:
-        height = width = args.size or model.default_image_size
-    checkpoint_sha = file_sha256(args.checkpoint)
-    controls = load_controls(args, model, hints, scales, checkpoint_sha)
+                             f"{size[1]}x{size[0]}; resize it to the output size")
+    return init_image, mask, hints, size
 
-    settings = {
-        "negative": args.negative, "sampler": args.sampler, "steps": args.steps, "guidance": args.cfg,
-        "guidance_rescale": args.guidance_rescale,
-        "spacing": args.spacing or default_spacing(args.sampler, model.diffusion.schedule),
-        "eta": args.eta, "size": f"{width}x{height}", "checkpoint": Path(args.checkpoint).name,
-        "checkpoint_sha256": checkpoint_sha[:12],
-    }
-    if settings["spacing"] != "karras":  # a timestep spacing: LDM's "uniform" may run more steps than asked
-        run = len(make_timesteps(model.diffusion.num_timesteps, args.steps, settings["spacing"]))
-        if run != args.steps:
-            settings["steps_run"] = run
-    if init_image is not None:
-        settings.update(init_image=Path(args.init_image).name,
-                        strength=args.strength if args.strength is not None else (1.0 if mask is not None else 0.6))
-    if mask is not None:
-        settings.update(mask=Path(args.mask).name, repaint_resamples=args.repaint_resamples,
-                        repaint_jump=args.repaint_jump)
-    if controls:
+
+def image_settings(args: argparse.Namespace, options: SamplingOptions, model: LatentDiffusion, checkpoint_sha: str,
+                   kinds: list[str], scales: list[float]) -> dict:
+    """What every PNG records besides its prompt and seed: the (resolved) sampling options, the model
+    and the inputs."""
+    settings = {**options.metadata(), "checkpoint": Path(args.checkpoint).name,
+                "checkpoint_sha256": checkpoint_sha[:12]}
+    run = options.steps_run(NoiseLevels(model.diffusion.schedule))
+    if run != options.steps:  # LDM's "uniform" spacing may run more steps than asked
+        settings["steps_run"] = run
+    if args.init_image:
+        settings.update(init_image=Path(args.init_image).name, strength=options.strength)
+    if args.mask:
+        settings.update(mask=Path(args.mask).name, repaint_resamples=options.repaint_resamples,
+                        repaint_jump=options.repaint_jump)
+    if args.controlnet:
         settings.update(controlnets=[Path(p).name for p in args.controlnet],
                         controlnet_sha256=[file_sha256(p)[:12] for p in args.controlnet],
                         control=kinds, control_images=[Path(p).name for p in args.control_image],
                         control_scales=scales, guess_mode=args.guess_mode)
         if "canny" in kinds:
             settings.update(canny_low=args.canny_low, canny_high=args.canny_high)
+    return settings
+
+
+def generate(args: argparse.Namespace) -> None:
+    prompts = read_prompts(args)
+    check_args(args)
+    options = sampling_options(args)
+    kinds = per_control(args.control, len(args.controlnet), "none")
+    scales = per_control(args.control_scale, len(args.controlnet), 1.0)
+    init_image, mask, hints, size = read_images(args, kinds)
+    model = load_model(args.checkpoint, args.config, use_ema=args.ema, device=args.device)
+    height, width = size or (args.size or model.default_image_size,) * 2
+    options = replace(options, height=height, width=width).resolve(model.diffusion.schedule,
+                                                                   inpainting=mask is not None)
+    checkpoint_sha = file_sha256(args.checkpoint)
+    controls = load_controls(args, model, hints, scales, checkpoint_sha)
+    settings = image_settings(args, options, model, checkpoint_sha, kinds, scales)
 
     out = Path(args.out)
     batch_size = args.batch_size or args.n
@@ -273,18 +295,14 @@ def generate(args: argparse.Namespace) -> None:
     for p, prompt in enumerate(prompts):
         row = []
         for first in range(0, args.n, batch_size):
-            count = min(batch_size, args.n - first)
             # generate_latents validates everything before sampling: errors arrive before any write.
-            latents = generate_latents(
-                model, [prompt] * count, negative=args.negative, seed=args.seed + first, sampler=args.sampler,
-                steps=args.steps, guidance=args.cfg, guidance_rescale=args.guidance_rescale, height=height,
-                width=width, eta=args.eta, init_image=init_image, strength=args.strength, mask=mask, progress=True,
-                spacing=args.spacing, repaint_jump=args.repaint_jump, repaint_resamples=args.repaint_resamples,
-                control=controls)
+            latents = generate_latents(model, [prompt] * min(batch_size, args.n - first), options,
+                                       seed=options.seed + first, init_image=init_image, mask=mask, progress=True,
+                                       control=controls)
             images = to_uint8(model.decode_latents(latents))
             out.mkdir(parents=True, exist_ok=True)
             for k, image in enumerate(images):
-                seed = args.seed + first + k
+                seed = options.seed + first + k
                 params = {"prompt": prompt, "seed": seed, **settings}
                 text = {key: str(value) for key, value in params.items()}
                 text["parameters"] = json.dumps(params, sort_keys=True)

@@ -1,8 +1,8 @@
 """A network and its discrete noise levels as the samplers see them.
 
 `NoiseLevels` converts between timesteps, alpha-bar and sigma = sqrt((1 - a) / a) for a schedule,
-also between table entries; `Denoiser` wraps a network's raw output (eps, x0 or v) into (eps, x0)
-at a timestep or x0 at a sigma; `make_timesteps` / `make_sigmas` give the decreasing levels a
+also between table entries; `Denoiser` wraps a network's raw output (eps, x0 or v, converted by the
+diffusion's `Parameterization`) into (eps, x0) at a timestep or x0 at a sigma; `make_timesteps` / `make_sigmas` give the decreasing levels a
 sampler runs through (ldm/samplers.py).
 """
 from __future__ import annotations
@@ -22,36 +22,6 @@ SIGMA_SPACINGS = ("karras", *TIMESTEP_SPACINGS)
 # A zero-terminal-SNR schedule has sigma = inf at its last step; the sigma samplers start from this
 # finite stand-in (alpha_bar = 2^-24, as diffusers does) instead.
 ZERO_SNR_SIGMA_MAX = 4096.0
-
-
-# -- prediction targets in terms of the noise level ------------------------------------------------
-
-def eps_x0_from_output(out: Tensor, x_t: Tensor, alpha_bar: Tensor | float,
-                       parameterization: str) -> tuple[Tensor, Tensor]:
-    """(eps, x0) implied by a network output at x_t with x_t = sqrt(a) x0 + sqrt(1 - a) eps.
-
-    The same conversions as `ldm.diffusion.predict_eps/predict_x0`, written in terms of a = alpha_bar
-    (a float or a tensor broadcasting against x_t) so they also hold between table entries.
-    """
-    a = torch.as_tensor(alpha_bar, dtype=x_t.dtype, device=x_t.device)
-    sqrt_a, sqrt_1ma = a.sqrt(), (1 - a).sqrt()
-    if parameterization == "eps":
-        return out, (x_t - sqrt_1ma * out) / sqrt_a
-    if parameterization == "x0":
-        return (x_t - sqrt_a * out) / sqrt_1ma, out
-    if parameterization == "v":
-        return sqrt_a * out + sqrt_1ma * x_t, sqrt_a * x_t - sqrt_1ma * out
-    raise ValueError(f"unknown parameterization {parameterization!r} (expected 'eps', 'x0' or 'v')")
-
-
-def output_from_eps_x0(eps: Tensor, x0: Tensor, alpha_bar: Tensor | float, parameterization: str) -> Tensor:
-    """Inverse of `eps_x0_from_output`: what a network of `parameterization` outputs for (eps, x0)."""
-    if parameterization == "eps":
-        return eps
-    if parameterization == "x0":
-        return x0
-    a = torch.as_tensor(alpha_bar, dtype=x0.dtype, device=x0.device)
-    return a.sqrt() * eps - (1 - a).sqrt() * x0
 
 
 class NoiseLevels:
@@ -110,6 +80,7 @@ class Denoiser:
     def __init__(self, model_fn: ModelFn, diffusion: Diffusion):
         self.model_fn = model_fn
         self.diffusion = diffusion
+        self.parameterization = diffusion.parameterization
         self.levels = NoiseLevels(diffusion.schedule)
 
     def output(self, x_t: Tensor, t: float | Tensor) -> Tensor:
@@ -121,7 +92,7 @@ class Denoiser:
         out = self.output(x_t, t)
         if self.diffusion.learn_sigma:
             out = out[:, : x_t.shape[1]]
-        return eps_x0_from_output(out, x_t, alpha_bar, self.diffusion.parameterization)
+        return self.parameterization.to_eps_x0(out, x_t, alpha_bar)
 
     def predict(self, x_t: Tensor, t: int | float) -> tuple[Tensor, Tensor]:
         """(eps, x0) predicted at the variance-preserving state x_t [B, C, ...] and timestep t."""

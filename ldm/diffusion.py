@@ -1,102 +1,65 @@
 """Gaussian diffusion: forward process, prediction targets and the training loss.
 
 The forward process is q(x_t | x0) = N(sqrt(a_t) x0, (1 - a_t) I) with a_t = alphas_cumprod[t].
-A network can predict one of three equivalent targets ("parameterization"):
-    eps  the noise,            x_t = sqrt(a) x0 + sqrt(1 - a) eps
-    x0   the clean sample,
-    v    sqrt(a) eps - sqrt(1 - a) x0   (Salimans & Ho 2022; SD 2.x 768-v).
-The pure functions below convert between them given (schedule, x_t, t); `Diffusion` combines
-them into the training loss (L_simple, optional min-SNR weighting, optional learned variance
+What the network predicts (eps, x0 or v) is a `ldm.parameterization.Parameterization`; the pure
+functions below apply it at integer timesteps with the schedule's precomputed tables. `Diffusion`
+combines them into the training loss (L_simple, optional min-SNR weighting, optional learned variance
 with improved DDPM's L_hybrid, optional importance sampling of t) and the reverse-step
 Gaussian p(x_{t-1} | x_t) that the DDPM sampler needs.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from .parameterization import NoiseScales, Parameterization, ParameterizationName
+from .parameterization import parameterization as as_parameterization
 from .schedule import NoiseSchedule, ScheduleConfig, values_at
 from .timestep_sampler import LossSecondMomentSampler, UniformTimestepSampler
 from .vlb import DecoderNLL, learned_log_variance, mean_flat, vlb_term
 
-Parameterization = Literal["eps", "x0", "v"]
-PARAMETERIZATIONS = ("eps", "x0", "v")
 
-
-def _check_parameterization(parameterization: str) -> None:
-    if parameterization not in PARAMETERIZATIONS:
-        known = ", ".join(PARAMETERIZATIONS)
-        raise ValueError(f"unknown parameterization {parameterization!r} (expected one of {known})")
-
-
-def _signal_and_noise_scales(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-    """sqrt(a_t) and sqrt(1 - a_t), each [B, 1, ..., 1]."""
-    signal = values_at(schedule.sqrt_alphas_cumprod, t, like)
-    return signal, values_at(schedule.sqrt_one_minus_alphas_cumprod, t, like)
+def table_scales(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> NoiseScales:
+    """The schedule's sqrt(a_t), sqrt(1 - a_t) and reciprocals at timesteps t [B], each [B, 1, ..., 1]."""
+    return NoiseScales(*(values_at(table, t, like) for table in (
+        schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
+        schedule.sqrt_recip_alphas_cumprod, schedule.sqrt_recipm1_alphas_cumprod)))
 
 
 def q_sample(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
     """Draw x_t ~ q(x_t | x0) with the given noise: sqrt(a) x0 + sqrt(1 - a) noise. All [B, ...]."""
-    signal, sigma = _signal_and_noise_scales(schedule, t, x0)
-    return signal * x0 + sigma * noise
+    signal = values_at(schedule.sqrt_alphas_cumprod, t, x0)
+    return signal * x0 + values_at(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
 
-def training_target(
-    schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor, parameterization: Parameterization
-) -> Tensor:
+def training_target(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor,
+                    parameterization: str | Parameterization) -> Tensor:
     """What the network should output for x_t = q_sample(x0, t, noise) [B, ...]."""
-    _check_parameterization(parameterization)
-    if parameterization == "eps":
-        return noise
-    if parameterization == "x0":
-        return x0
-    signal, sigma = _signal_and_noise_scales(schedule, t, x0)
-    return signal * noise - sigma * x0
+    return as_parameterization(parameterization).target(x0, noise, table_scales(schedule, t, x0))
 
 
-def predict_x0(
-    schedule: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor, parameterization: Parameterization
-) -> Tensor:
+def predict_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor,
+               parameterization: str | Parameterization) -> Tensor:
     """The clean sample implied by the network output `out` at (x_t, t). All [B, ...]."""
-    _check_parameterization(parameterization)
-    if parameterization == "x0":
-        return out
-    if parameterization == "eps":
-        # (x_t - sqrt(1 - a) eps) / sqrt(a), written with the precomputed reciprocals.
-        recip = values_at(schedule.sqrt_recip_alphas_cumprod, t, x_t)
-        recipm1 = values_at(schedule.sqrt_recipm1_alphas_cumprod, t, x_t)
-        return recip * x_t - recipm1 * out
-    signal, sigma = _signal_and_noise_scales(schedule, t, x_t)
-    return signal * x_t - sigma * out
+    return as_parameterization(parameterization).to_eps_x0(out, x_t, table_scales(schedule, t, x_t))[1]
 
 
-def predict_eps(
-    schedule: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor, parameterization: Parameterization
-) -> Tensor:
+def predict_eps(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor,
+                parameterization: str | Parameterization) -> Tensor:
     """The noise implied by the network output `out` at (x_t, t). All [B, ...]."""
-    _check_parameterization(parameterization)
-    if parameterization == "eps":
-        return out
-    signal, sigma = _signal_and_noise_scales(schedule, t, x_t)
-    if parameterization == "x0":
-        return (x_t - signal * out) / sigma
-    return signal * out + sigma * x_t
+    return as_parameterization(parameterization).to_eps_x0(out, x_t, table_scales(schedule, t, x_t))[0]
 
 
-def predict_v(
-    schedule: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor, parameterization: Parameterization
-) -> Tensor:
+def predict_v(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor,
+              parameterization: str | Parameterization) -> Tensor:
     """The velocity sqrt(a) eps - sqrt(1 - a) x0 implied by `out` at (x_t, t). All [B, ...]."""
-    if parameterization == "v":
-        return out
-    eps = predict_eps(schedule, x_t, t, out, parameterization)
-    x0 = predict_x0(schedule, x_t, t, out, parameterization)
-    signal, sigma = _signal_and_noise_scales(schedule, t, x_t)
-    return signal * eps - sigma * x0
+    scales = table_scales(schedule, t, x_t)
+    eps, x0 = as_parameterization(parameterization).to_eps_x0(out, x_t, scales)
+    return as_parameterization("v").from_eps_x0(eps, x0, scales)
 
 
 def q_posterior_mean_variance(
@@ -111,23 +74,17 @@ def q_posterior_mean_variance(
     return mean, variance, log_variance
 
 
-def min_snr_weight(snr: Tensor, gamma: float, parameterization: Parameterization) -> Tensor:
-    """Min-SNR-gamma loss weight (Hang et al. 2023) for a per-sample SNR [B].
-
-    The paper weights the x0-space error by min(SNR, gamma). Since
-    |eps - eps^|^2 = SNR |x0 - x0^|^2 and |v - v^|^2 = (SNR + 1) |x0 - x0^|^2, the same
-    weighting in eps- and v-space is min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1).
-    """
-    _check_parameterization(parameterization)
+def min_snr_weight(snr: Tensor, gamma: float, parameterization: str | Parameterization) -> Tensor:
+    """Min-SNR-gamma loss weight [B] for a per-sample SNR [B] (see `Parameterization.min_snr_weight`)."""
+    kind = as_parameterization(parameterization)
     if gamma <= 0:
         raise ValueError(f"min_snr_gamma must be positive, got {gamma}")
-    clipped = snr.clamp(max=gamma)
-    if parameterization == "x0":
-        return clipped
-    if parameterization == "eps":
-        # == min(SNR, gamma) / SNR, but also finite (1) where SNR is 0 (zero terminal SNR).
-        return (gamma / snr).clamp(max=1.0)
-    return clipped / (snr + 1)
+    return kind.min_snr_weight(snr, gamma)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r} (expected {' or '.join(repr(c) for c in choices)})")
 
 
 @dataclass
@@ -135,7 +92,7 @@ class DiffusionConfig:
     """Config section for the diffusion process and its training loss."""
 
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    parameterization: Parameterization = "eps"
+    parameterization: ParameterizationName = "eps"
     loss: Literal["l2", "l1"] = "l2"
     min_snr_gamma: float | None = None  # 5.0 is the paper's choice
     learn_sigma: bool = False
@@ -150,7 +107,7 @@ class Diffusion:
 
     Args:
         schedule: the noise schedule.
-        parameterization: what the network predicts, "eps", "x0" or "v".
+        parameterization: what the network predicts: a `Parameterization` or its name "eps", "x0", "v".
         loss: "l2" (L_simple, mean squared error) or "l1" (mean absolute error).
         min_snr_gamma: if set, weight the simple loss with min-SNR-gamma.
         learn_sigma: the network outputs 2 C channels; the second half sets the variance
@@ -169,7 +126,7 @@ class Diffusion:
     def __init__(
         self,
         schedule: NoiseSchedule,
-        parameterization: Parameterization = "eps",
+        parameterization: str | Parameterization = "eps",
         loss: Literal["l2", "l1"] = "l2",
         min_snr_gamma: float | None = None,
         learn_sigma: bool = False,
@@ -178,50 +135,27 @@ class Diffusion:
         timestep_sampling: Literal["uniform", "importance"] = "uniform",
         fixed_variance: Literal["small", "large"] = "small",
     ):
-        _check_parameterization(parameterization)
-        if loss not in ("l2", "l1"):
-            raise ValueError(f"unknown loss {loss!r} (expected 'l2' or 'l1')")
+        self.parameterization = as_parameterization(parameterization)
+        _check_choice("loss", loss, ("l2", "l1"))
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be positive or None, got {min_snr_gamma}")
-        if decoder_nll not in ("gaussian", "discretized"):
-            raise ValueError(f"unknown decoder_nll {decoder_nll!r} (expected 'gaussian' or 'discretized')")
-        if fixed_variance not in ("small", "large"):
-            raise ValueError(f"unknown fixed_variance {fixed_variance!r} (expected 'small' or 'large')")
-        if schedule.has_zero_terminal_snr and parameterization == "eps":
-            raise ValueError(
-                "a zero-terminal-SNR schedule needs parameterization 'v' or 'x0' (eps gives no x0 at t = T-1)"
-            )
-        self.schedule = schedule
-        self.parameterization = parameterization
-        self.loss = loss
-        self.min_snr_gamma = min_snr_gamma
-        self.learn_sigma = learn_sigma
-        self.vlb_weight = vlb_weight
-        self.decoder_nll = decoder_nll
-        self.fixed_variance = fixed_variance
-        if timestep_sampling == "uniform":
-            self.timestep_sampler = UniformTimestepSampler(schedule.num_timesteps)
-        elif timestep_sampling == "importance":
-            self.timestep_sampler = LossSecondMomentSampler(schedule.num_timesteps)
-        else:
-            raise ValueError(
-                f"unknown timestep_sampling {timestep_sampling!r} (expected 'uniform' or 'importance')"
-            )
+        _check_choice("decoder_nll", decoder_nll, ("gaussian", "discretized"))
+        _check_choice("fixed_variance", fixed_variance, ("small", "large"))
+        _check_choice("timestep_sampling", timestep_sampling, ("uniform", "importance"))
+        if schedule.has_zero_terminal_snr and not self.parameterization.defined_at_zero_snr:
+            raise ValueError(f"a zero-terminal-SNR schedule needs parameterization 'v' or 'x0' "
+                             f"({self.parameterization.name} gives no x0 at t = T-1)")
+        self.schedule, self.loss, self.min_snr_gamma = schedule, loss, min_snr_gamma
+        self.learn_sigma, self.vlb_weight = learn_sigma, vlb_weight
+        self.decoder_nll, self.fixed_variance = decoder_nll, fixed_variance
+        sampler = UniformTimestepSampler if timestep_sampling == "uniform" else LossSecondMomentSampler
+        self.timestep_sampler = sampler(schedule.num_timesteps)
 
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> Diffusion:
-        """Build the schedule and the diffusion a `DiffusionConfig` describes."""
-        return cls(
-            NoiseSchedule.from_config(config.schedule),
-            parameterization=config.parameterization,
-            loss=config.loss,
-            min_snr_gamma=config.min_snr_gamma,
-            learn_sigma=config.learn_sigma,
-            vlb_weight=config.vlb_weight,
-            decoder_nll=config.decoder_nll,
-            timestep_sampling=config.timestep_sampling,
-            fixed_variance=config.fixed_variance,
-        )
+        """Build the schedule and the diffusion a `DiffusionConfig` describes (its other fields are our args)."""
+        options = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "schedule"}
+        return cls(NoiseSchedule.from_config(config.schedule), **options)
 
     @property
     def num_timesteps(self) -> int:
@@ -255,46 +189,24 @@ class Diffusion:
                      variance output only)
             "t"      the timesteps, "weight" the importance weights 1 / (T p(t)).
         """
-        batch, channels = x0.shape[:2]
         sampled_t = t is None
-        if sampled_t:
-            t, weight = self.timestep_sampler.sample(batch, x0.device, generator)
-        else:
-            t = torch.as_tensor(t, device=x0.device).long()
-            if t.shape != (batch,):
-                raise ValueError(f"t must have shape [{batch}], got {tuple(t.shape)}")
-            if bool((t < 0).any()) or bool((t >= self.num_timesteps).any()):
-                raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]")
-            weight = torch.ones(batch, device=x0.device)
-        if noise is None:
-            device = generator.device if generator is not None else x0.device
-            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
-        elif noise.shape != x0.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)}")
-
+        t, weight = self._timesteps(x0, t, generator)
+        noise = self._noise(x0, noise, generator)
         x_t = q_sample(self.schedule, x0, t, noise)
-        out = model_fn(x_t, t, **(model_kwargs or {}))
-        expected = (batch, 2 * channels if self.learn_sigma else channels, *x0.shape[2:])
-        if tuple(out.shape) != expected:
-            hint = " (learn_sigma needs twice the input channels)" if self.learn_sigma else ""
-            raise ValueError(f"model output has shape {tuple(out.shape)}, expected {expected}{hint}")
-        model_out, var_values = out.split(channels, dim=1) if self.learn_sigma else (out, None)
+        model_out, var_values = self._model_output(model_fn(x_t, t, **(model_kwargs or {})), x0)
 
-        target = training_target(self.schedule, x0, t, noise, self.parameterization)
+        target = self.parameterization.target(x0, noise, table_scales(self.schedule, t, x0))
         error = model_out.float() - target.float()
         simple = mean_flat(error**2 if self.loss == "l2" else error.abs())
         loss = simple
         if self.min_snr_gamma is not None:
-            snr = self.schedule.snr.to(t.device)[t]
-            loss = loss * min_snr_weight(snr, self.min_snr_gamma, self.parameterization)
+            loss = loss * self.parameterization.min_snr_weight(self.schedule.snr.to(t.device)[t], self.min_snr_gamma)
         terms = {"mse": simple, "t": t}
 
         if self.learn_sigma:
             # Stop-gradient on the mean: L_vlb only trains the variance, L_simple the mean.
-            frozen = torch.cat([model_out.detach(), var_values], dim=1)
-            vlb = self._vlb(frozen, x0, x_t, t)
-            terms["vlb"] = vlb
-            loss = loss + self.vlb_weight * self.num_timesteps * vlb
+            terms["vlb"] = self._vlb(torch.cat([model_out.detach(), var_values], dim=1), x0, x_t, t)
+            loss = loss + self.vlb_weight * self.num_timesteps * terms["vlb"]
 
         if sampled_t and torch.is_grad_enabled():
             # Only training steps feed the importance sampler: an evaluation pass under no_grad
@@ -303,6 +215,37 @@ class Diffusion:
         terms["weight"] = weight
         terms["loss"] = loss * weight
         return terms
+
+    def _timesteps(self, x0: Tensor, t: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Timesteps [B] (drawn by the timestep sampler when not given) and their importance weights [B]."""
+        batch = x0.shape[0]
+        if t is None:
+            return self.timestep_sampler.sample(batch, x0.device, generator)
+        t = torch.as_tensor(t, device=x0.device).long()
+        if t.shape != (batch,):
+            raise ValueError(f"t must have shape [{batch}], got {tuple(t.shape)}")
+        if bool((t < 0).any()) or bool((t >= self.num_timesteps).any()):
+            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]")
+        return t, torch.ones(batch, device=x0.device)
+
+    @staticmethod
+    def _noise(x0: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """The given noise (checked against x0 [B, C, ...]), else fresh noise from `generator`'s device."""
+        if noise is None:
+            device = generator.device if generator is not None else x0.device
+            return torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)}")
+        return noise
+
+    def _model_output(self, out: Tensor, x0: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The network output split into the prediction [B, C, ...] and the variance values (learn_sigma)."""
+        batch, channels = x0.shape[:2]
+        expected = (batch, 2 * channels if self.learn_sigma else channels, *x0.shape[2:])
+        if tuple(out.shape) != expected:
+            hint = " (learn_sigma needs twice the input channels)" if self.learn_sigma else ""
+            raise ValueError(f"model output has shape {tuple(out.shape)}, expected {expected}{hint}")
+        return out.split(channels, dim=1) if self.learn_sigma else (out, None)
 
     def _vlb(self, model_out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """L_t in bits per dim [B] for a [B, 2C, ...] model output."""
@@ -338,8 +281,7 @@ class Diffusion:
             # beta_t, except at t = 0 where beta~_1 keeps the last step's variance sensible.
             large = torch.cat([self.schedule.posterior_variance[1:2], self.schedule.betas[1:]])
             log_variance = values_at(large.log(), t, x_t)
-        pred_x0 = predict_x0(self.schedule, x_t, t, model_out, self.parameterization)
-        pred_eps = predict_eps(self.schedule, x_t, t, model_out, self.parameterization)
+        pred_eps, pred_x0 = self.parameterization.to_eps_x0(model_out, x_t, table_scales(self.schedule, t, x_t))
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
         mean, _, _ = q_posterior_mean_variance(self.schedule, pred_x0, x_t, t)

@@ -35,13 +35,13 @@ from PIL import Image
 from data import build_dataset
 from ldm.generation import SAMPLERS, generate_latents
 from ldm.latent_diffusion import LatentDiffusion
-from ldm.samplers import get_sampler
+from ldm.sampling_options import SamplingOptions
 from metrics.clip_score import DEFAULT_ARCH, DEFAULT_WEIGHTS, try_load_clip_scorer
 from metrics.eval_data import data_config, iterate_batches, subset_size
 from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
 from metrics.shapes_judge import ShapesJudge, adherence, parse_shapes_prompt
-from training.checkpoint import write_text_atomic
-from training.cli import ArgumentParser, run
+from common.weights import write_text_atomic
+from common.cli import ArgumentParser, run
 
 log = logging.getLogger("ldm.evaluate")
 HELD_OUT_CAPTIONS = "held-out captions (test split)"
@@ -148,9 +148,7 @@ class Evaluator:
     def run(self, sampler: str = "ddim", steps: int = 50, cfg: float = 5.0, eta: float = 0.0,
             save_images: Path | None = None) -> dict:
         """Generate the n images of one setting and score them; returns the results dict (module docstring)."""
-        get_sampler(sampler)
-        if steps < 1:
-            raise ValueError(f"steps must be positive, got {steps}")
+        options = SamplingOptions(sampler=sampler, steps=steps, guidance=cfg, eta=eta, height=self.size, width=self.size)
         started = time.time()
         held_out, floor = self.held_out_statistics(), self.data_floor()
         generated, predicted, clip_scores = FeatureStatistics(), [], []
@@ -162,8 +160,7 @@ class Evaluator:
             for index, first in enumerate(range(0, self.n, self.batch_size)):
                 prompts = self.prompt_list[first:first + self.batch_size]
                 cpu = time.process_time()
-                latents = generate_latents(self.model, prompts, seed=self.seed + first, sampler=sampler, steps=steps,
-                                           guidance=cfg, eta=eta, height=self.size, width=self.size)
+                latents = generate_latents(self.model, prompts, options, seed=self.seed + first)
                 sampling_cpu += time.process_time() - cpu
                 images = self.model.decode_latents(latents).float().clamp(-1, 1).cpu()
                 generated.update(self.features(images))

@@ -1,7 +1,8 @@
 """Text-to-image, img2img (SDEdit) and inpainting with a `LatentDiffusion` model, in latent space.
 
 `generate_latents` is what train_stage2.py (sample grids) and generate.py (the CLI) call; it encodes
-prompts and images and hands a guided `Denoiser` to `sample_latents`, which is model-agnostic.
+prompts and images and hands a guided `Denoiser` to `sample_latents`, which is model-agnostic. Both
+take one validated `SamplingOptions` (or its fields as keyword arguments).
 
 Reproducibility: image i of a batch draws all its noise (initial and per-step) from its own CPU
 generator seeded seed + i, so it equals what seed + i gives alone, on any device and batch size.
@@ -16,29 +17,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .controlnet import Control, ControlledModel
+from .denoiser import Denoiser
 from .guidance import ClassifierFreeGuidance
-from .denoiser import Denoiser, make_sigmas, make_timesteps
-from .samplers import SAMPLERS, default_spacing, get_sampler, randn, randn_like, repaint_path
+from .samplers import SAMPLERS, randn, randn_like, repaint_path
+from .sampling_options import SamplingOptions
 
-__all__ = ["SAMPLERS", "Control", "generate_latents", "latent_mask", "sample_latents"]
+__all__ = ["SAMPLERS", "Control", "SamplingOptions", "generate_latents", "latent_mask", "sample_latents"]
 
 
 def sample_latents(
     denoiser: Denoiser,
     shape: Sequence[int],
+    options: SamplingOptions | None = None,
     *,
     generators: list[torch.Generator],
-    sampler: str = "ddim",
-    steps: int = 50,
-    spacing: str | None = None,
-    eta: float = 0.0,
     init_latents: Tensor | None = None,
-    strength: float = 1.0,
     mask: Tensor | None = None,
-    repaint_jump: int = 10,
-    repaint_resamples: int = 1,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    **fields,
 ) -> Tensor:
     """Run a sampler from noise (or from noised `init_latents`) and return latents [B, C, h, w].
 
@@ -49,71 +46,58 @@ def sample_latents(
       strength 0 returns init_latents unchanged, 1 starts from pure noise.
     - inpainting: mask [B, 1, h, w] (1 = repaint, 0 = keep) with init_latents; before every step the
       kept region is replaced by init_latents noised to the current level, and at the end by
-      init_latents themselves. repaint_resamples > 1 adds RePaint's resampling (ddpm, ddim): every
-      `repaint_jump` steps go back up that many levels and denoise again.
-    spacing: level spacing (see `denoiser.make_timesteps` / `make_sigmas`); default
-        `samplers.default_spacing` (per sampler; trailing on a zero-terminal-SNR schedule).
-    eta: DDIM's stochasticity (ddim only).
+      init_latents themselves. repaint_resamples > 1 adds RePaint's resampling (samplers that support
+      it): every `repaint_jump` steps go back up that many levels and denoise again.
+    options (or its `fields` as keywords): sampler, steps, spacing, eta, strength, repaint_*; unset
+    defaults are filled by `SamplingOptions.resolve` for the denoiser's schedule. generators: one per
+    image, drawing all its noise.
     """
-    spec = get_sampler(sampler)
-    spacing = spacing or default_spacing(sampler, denoiser.diffusion.schedule)
-    batch = shape[0]
-    if len(generators) != batch:
-        raise ValueError(f"got {len(generators)} generators for a batch of {batch}")
-    if eta != 0 and sampler != "ddim":
-        raise ValueError(f"eta applies to the ddim sampler only, got eta={eta} with {sampler!r}")
-    if eta < 0:
-        raise ValueError(f"eta must be non-negative, got {eta}")
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must lie in [0, 1], got {strength}")
-    if mask is not None and init_latents is None:
-        raise ValueError("inpainting needs the image to inpaint (init latents) besides the mask")
-    if repaint_resamples > 1 and (mask is None or not spec.resampling):
-        raise ValueError("RePaint resampling applies to inpainting (a mask) with the ddpm or ddim sampler")
-    for name, value in (("init latents", init_latents), ("mask", mask)):
-        expected = tuple(shape) if name == "init latents" else (batch, 1, *shape[2:])
-        if value is not None and tuple(value.shape) != expected:
-            raise ValueError(f"{name} have shape {tuple(value.shape)}, expected {expected}")
-
-    levels = denoiser.levels
-    if spec.space == "timestep":
-        timesteps = make_timesteps(levels.num_timesteps, steps, spacing)
-        alphas = [float(levels.alphas_cumprod[t]) for t in timesteps]
-        scales = [(a**0.5, (1 - a) ** 0.5) for a in alphas]
-        pure_noise_scale = 1.0  # DDPM/LDM start from x_T = noise
-    else:
-        sigmas = make_sigmas(levels, steps, spacing)
-        scales = [(1.0, float(s)) for s in sigmas[:-1]]
-        pure_noise_scale = float(sigmas[0])
+    options = SamplingOptions.build(options, **fields)
+    options = options.resolve(denoiser.diffusion.schedule, inpainting=mask is not None)
+    _check_latent_inputs(options, shape, generators, init_latents, mask)
+    space = options.spec.state_space
+    levels = space.levels(denoiser.levels, options.steps, options.spacing)
+    scales = space.state_scales(denoiser.levels, levels)  # one per level: more than steps with LDM "uniform"
     noise = randn(shape, generators, device)
 
-    count = len(scales)  # = steps, except LDM's "uniform" spacing when steps does not divide T
-    start = count - int(count * strength) if init_latents is not None else 0
-    if start == count:
+    start = len(scales) - int(len(scales) * options.strength) if init_latents is not None else 0
+    if start == len(scales):
         return init_latents.clone()
     if start == 0:
-        x = noise * pure_noise_scale
+        x = noise * space.pure_noise_scale(levels)
     else:
         signal, noise_scale = scales[start]
         x = signal * init_latents + noise_scale * noise
     scales = scales[start:]
-    run_levels = timesteps[start:] if spec.space == "timestep" else sigmas[start:]
 
     def reimpose_known(i: int, x: Tensor) -> Tensor:
         signal, noise_scale = scales[i]
         known = signal * init_latents + noise_scale * randn_like(x, generators)
         return mask * x + (1 - mask) * known
 
-    options = {}
-    if sampler == "ddim":
-        options["eta"] = eta
-    if repaint_resamples > 1:
-        options["path"] = repaint_path(len(scales), repaint_jump, repaint_resamples)
-    x = spec.sample(denoiser, x, run_levels, generators=generators, progress=progress,
-                    before_step=reimpose_known if mask is not None else None, **options)
+    resampling = {}
+    if options.repaint_resamples > 1:
+        resampling["path"] = repaint_path(len(scales), options.repaint_jump, options.repaint_resamples)
+    x = options.spec.run(denoiser, x, levels[start:], eta=options.eta, generators=generators, progress=progress,
+                         before_step=reimpose_known if mask is not None else None, **resampling)
     if mask is not None:
         x = mask * x + (1 - mask) * init_latents
     return x
+
+
+def _check_latent_inputs(options: SamplingOptions, shape: Sequence[int], generators: list[torch.Generator],
+                         init_latents: Tensor | None, mask: Tensor | None) -> None:
+    """What `sample_latents` needs of its tensors; the options are valid by construction."""
+    batch = shape[0]
+    if len(generators) != batch:
+        raise ValueError(f"got {len(generators)} generators for a batch of {batch}")
+    if mask is not None and init_latents is None:
+        raise ValueError("inpainting needs the image to inpaint besides the mask: a mask needs the init_image")
+    if options.repaint_resamples > 1 and mask is None:
+        raise ValueError("RePaint resampling (repaint_resamples) applies to inpainting, with a mask")
+    for name, value, expected in (("init latents", init_latents, tuple(shape)), ("mask", mask, (batch, 1, *shape[2:]))):
+        if value is not None and tuple(value.shape) != expected:
+            raise ValueError(f"{name} have shape {tuple(value.shape)}, expected {expected}")
 
 
 def latent_mask(mask: Tensor, latent_size: tuple[int, int]) -> Tensor:
@@ -136,13 +120,16 @@ def _as_list(value: list[str] | str | None, batch: int, what: str) -> list[str]:
     return value
 
 
-def _batched(images: Tensor | None, batch: int, what: str) -> Tensor | None:
+def _batched(images: Tensor | None, batch: int, what: str, per_image: tuple[int, int, int]) -> Tensor | None:
+    """Images [1 or B, *per_image] (or [*per_image]) as [B, *per_image], the batch dimension broadcast."""
     if images is None:
         return None
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[0] not in (1, batch):
         raise ValueError(f"{what} must be [1 or {batch}, C, H, W], got shape {tuple(images.shape)}")
+    if tuple(images.shape[1:]) != per_image:
+        raise ValueError(f"{what} must be [B, {', '.join(map(str, per_image))}], got shape {tuple(images.shape)}")
     return images.expand(batch, *images.shape[1:])
 
 
@@ -150,64 +137,74 @@ def _batched(images: Tensor | None, batch: int, what: str) -> Tensor | None:
 def generate_latents(
     model,
     prompts: list[str],
+    options: SamplingOptions | None = None,
     *,
-    negative: list[str] | str | None = None,
-    seed: int = 0,
-    sampler: str = "ddim",
-    steps: int = 50,
-    guidance: float = 5.0,
-    guidance_rescale: float = 0.0,
-    height: int,
-    width: int,
-    eta: float = 0.0,
     init_image: Tensor | None = None,
-    strength: float | None = None,
     mask: Tensor | None = None,
-    progress: bool = False,
-    spacing: str | None = None,
-    repaint_jump: int = 10,
-    repaint_resamples: int = 1,
     control: Sequence[Control] | None = None,
+    progress: bool = False,
+    **fields,
 ) -> Tensor:
     """Sample latents [B, C, height / f, width / f] for `prompts` with a `LatentDiffusion` model.
 
-    negative: prompt(s) to guide away from, replacing the empty unconditional prompt.
-    guidance: classifier-free guidance scale (1 = conditional model only); guidance_rescale: phi.
+    options (or its `fields` as keywords, e.g. seed=3, sampler="ddim", steps=4, height=64, width=64):
+        see `SamplingOptions`; height and width are required, negative replaces the empty
+        unconditional prompt, strength defaults to 0.6 for img2img and 1.0 (from noise) for inpainting.
     init_image: [1 or B, 3, height, width] in [-1, 1] for img2img / inpainting; encoded to the
-        posterior mean (deterministic). strength: how much of the schedule to run on it; default
-        0.6 for img2img and 1.0 (start from noise) for inpainting.
+        posterior mean (deterministic).
     mask: [1 or B, 1, height, width] in [0, 1], 1 = repaint; needs init_image.
     control: ControlNets with their condition images ([1 or B, hint_channels, height, width] in
         [0, 1]) and weights; their scaled residuals add up (see `ldm.controlnet.ControlledModel`).
-    See `sample_latents` for sampler, steps, spacing, eta and the RePaint options. The model should
-    be in eval mode; decode the result with `model.decode_latents`.
+    The model should be in eval mode; decode the result with `model.decode_latents`.
     """
+    options = SamplingOptions.build(options, **fields)
     prompts = list(prompts)
     batch = len(prompts)
     if batch == 0:
         raise ValueError("no prompts given")
-    get_sampler(sampler)
+    height, width = _output_size(model, options)
+    negatives = _as_list(options.negative, batch, "negative prompts")
+    init_image = _batched(init_image, batch, "init_image", (3, height, width))
+    mask = _batched(mask, batch, "mask", (1, height, width))
+    if mask is not None and (bool((mask < 0).any()) or bool((mask > 1).any())):
+        raise ValueError("mask values must lie in [0, 1] (1 = repaint, 0 = keep)")
+    controls = _checked_controls(model, control or [], batch, height, width)
+
+    device = next(model.unet.parameters()).device
+    latent_size = (height // model.latent_factor, width // model.latent_factor)
+    generators = [torch.Generator().manual_seed(options.seed + i) for i in range(batch)]
+    cond = model.encode_text(prompts)
+    uncond = model.encode_text(negatives) if options.guidance != 1 else None
+    init_latents = _encode_images(model, init_image, device)
+    if mask is not None:
+        mask = latent_mask(mask.to(device), latent_size)
+    network = model
+    if controls:
+        network = ControlledModel(model, [replace(c, hint=c.hint.to(device)) for c in controls], batch)
+    model_fn = ClassifierFreeGuidance(network, model.diffusion, cond, uncond, options.guidance,
+                                      options.guidance_rescale)
+    return sample_latents(Denoiser(model_fn, model.diffusion), (batch, model.latent_channels, *latent_size), options,
+                          generators=generators, init_latents=init_latents, mask=mask, device=device,
+                          progress=progress)
+
+
+def _output_size(model, options: SamplingOptions) -> tuple[int, int]:
+    """(height, width) of the options, checked against what the model's latents can give."""
+    height, width = options.height, options.width
+    if height is None or width is None:
+        raise ValueError("generate_latents needs the output size: height and width")
     factor = model.latent_factor * 2 ** (len(model.cfg.unet.channel_mult) - 1)
-    if height <= 0 or width <= 0 or height % factor or width % factor:
+    if height % factor or width % factor:
         raise ValueError(f"height and width must be positive multiples of {factor} for this model "
                          f"(autoencoder factor {model.latent_factor} times the U-Net's downsampling), "
                          f"got {height}x{width}")
-    negatives = _as_list(negative, batch, "negative prompts")
-    init_image = _batched(init_image, batch, "init_image")
-    mask = _batched(mask, batch, "mask")
-    if init_image is not None and tuple(init_image.shape[1:]) != (3, height, width):
-        raise ValueError(f"init_image must be [B, 3, {height}, {width}], got shape {tuple(init_image.shape)}")
-    if mask is not None:
-        if init_image is None:
-            raise ValueError("a mask needs the init_image to inpaint")
-        if tuple(mask.shape[1:]) != (1, height, width):
-            raise ValueError(f"mask must be [B, 1, {height}, {width}] like the init image, got {tuple(mask.shape)}")
-        if bool((mask < 0).any()) or bool((mask > 1).any()):
-            raise ValueError("mask values must lie in [0, 1] (1 = repaint, 0 = keep)")
-    if strength is None:
-        strength = 1.0 if mask is not None else 0.6
+    return height, width
+
+
+def _checked_controls(model, control: Sequence[Control], batch: int, height: int, width: int) -> list[Control]:
+    """The controls with condition images batched [1 or B, C, H, W] and checked against the model and size."""
     controls = []
-    for i, c in enumerate(control or []):
+    for i, c in enumerate(control):
         if c.net.latent_factor != model.latent_factor:
             raise ValueError(f"ControlNet {i + 1} encodes condition images {c.net.latent_factor}x the latent size, "
                              f"but this model's autoencoder downsamples {model.latent_factor}x")
@@ -217,37 +214,15 @@ def generate_latents(
             raise ValueError(f"condition image {i + 1} must be [1 or {batch}, {c.net.hint_channels}, {height}, "
                              f"{width}] (the output size), got shape {tuple(c.hint.shape)}")
         controls.append(replace(c, hint=hint))
+    return controls
 
-    device = next(model.unet.parameters()).device
-    latent_size = (height // model.latent_factor, width // model.latent_factor)
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
-    cond = model.encode_text(prompts)
-    uncond = model.encode_text(negatives) if guidance != 1 else None
-    init_latents = None
-    if init_image is not None:
-        # Encode each distinct image once; the posterior mean keeps img2img deterministic.
-        unique = init_image[:1] if init_image.stride(0) == 0 else init_image
-        init_latents = model.encode_images(unique.to(device), sample=False).float()
-        init_latents = init_latents.expand(batch, *init_latents.shape[1:]).contiguous()
-    if mask is not None:
-        mask = latent_mask(mask.to(device), latent_size)
-    network = model
-    if controls:
-        network = ControlledModel(model, [replace(c, hint=c.hint.to(device)) for c in controls], batch)
-    model_fn = ClassifierFreeGuidance(network, model.diffusion, cond, uncond, guidance, guidance_rescale)
-    return sample_latents(
-        Denoiser(model_fn, model.diffusion),
-        (batch, model.latent_channels, *latent_size),
-        generators=generators,
-        sampler=sampler,
-        steps=steps,
-        spacing=spacing,
-        eta=eta,
-        init_latents=init_latents,
-        strength=strength,
-        mask=mask,
-        repaint_jump=repaint_jump,
-        repaint_resamples=repaint_resamples,
-        device=device,
-        progress=progress,
-    )
+
+def _encode_images(model, init_image: Tensor | None, device: torch.device) -> Tensor | None:
+    """Latents [B, C, h, w] of the init images [B, 3, H, W]: the posterior mean keeps img2img deterministic."""
+    if init_image is None:
+        return None
+    batch = init_image.shape[0]
+    # Encode each distinct image once (a broadcast [1] image has batch stride 0).
+    unique = init_image[:1] if init_image.stride(0) == 0 else init_image
+    init_latents = model.encode_images(unique.to(device), sample=False).float()
+    return init_latents.expand(batch, *init_latents.shape[1:]).contiguous()

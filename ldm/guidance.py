@@ -12,9 +12,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .denoiser import NoiseLevels
 from .diffusion import Diffusion
-from .denoiser import NoiseLevels, eps_x0_from_output, output_from_eps_x0
+from .parameterization import parameterization
 
+X0_PREDICTION = parameterization("x0")
 ConditionalModel = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, context) -> raw output
 
 
@@ -55,6 +57,7 @@ class ClassifierFreeGuidance:
             raise ValueError(f"guidance needs an unconditional context shaped like the conditional "
                              f"{tuple(cond.shape)}, got {got}")
         self.model, self.diffusion = model, diffusion
+        self.parameterization = diffusion.parameterization
         self.cond, self.uncond = cond, uncond
         self.scale, self.rescale = scale, rescale
         self.levels = NoiseLevels(diffusion.schedule)
@@ -71,11 +74,11 @@ class ClassifierFreeGuidance:
         return torch.cat([guided, out_cond[:, channels:]], dim=1)
 
     def _rescale(self, guided: Tensor, cond: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        parameterization = self.diffusion.parameterization
         alpha_bar = self.levels.alpha_bar(t.cpu()).to(x_t).reshape(-1, *([1] * (x_t.ndim - 1)))
-        _, x0_guided = eps_x0_from_output(guided, x_t, alpha_bar, parameterization)
-        _, x0_cond = eps_x0_from_output(cond, x_t, alpha_bar, parameterization)
+        _, x0_guided = self.parameterization.to_eps_x0(guided, x_t, alpha_bar)
+        _, x0_cond = self.parameterization.to_eps_x0(cond, x_t, alpha_bar)
         x0 = rescale_guided(x0_guided, x0_cond, self.rescale)
-        # The eps that, with this x0, reproduces x_t: the output stays consistent with the state.
-        eps = (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
-        return output_from_eps_x0(eps, x0, alpha_bar, parameterization)
+        # The eps that, with this x0, reproduces x_t (what an x0-network's output implies): the
+        # output stays consistent with the state.
+        eps, _ = X0_PREDICTION.to_eps_x0(x0, x_t, alpha_bar)
+        return self.parameterization.from_eps_x0(eps, x0, alpha_bar)

@@ -24,13 +24,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .denoiser import ZERO_SNR_SIGMA_MAX, Denoiser, final_alphas
+from .denoiser import (SIGMA_SPACINGS, TIMESTEP_SPACINGS, ZERO_SNR_SIGMA_MAX, Denoiser, NoiseLevels, final_alphas,
+                       make_sigmas, make_timesteps)
 from .diffusion import Diffusion
 from .schedule import NoiseSchedule
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 BeforeStep = Callable[[int, Tensor], Tensor]
 Callback = Callable[[int, Tensor, Tensor], None]
+Step = Callable[[Tensor, int, int], tuple[Tensor, Tensor]]  # (x, level i, next level j) -> (x, x0 prediction)
+Renoise = Callable[[Tensor, int, int], Tensor]  # (x, level i, higher level j) -> x
 
 # -- noise ------------------------------------------------------------------------------------------
 
@@ -83,6 +86,25 @@ def _steps(path: Sequence[int], progress: bool):
     return tqdm(list(zip(path[:-1], path[1:])), disable=not progress, leave=False)
 
 
+def _walk(x: Tensor, path: Sequence[int], step: Step, *, renoise_to: Renoise | None = None,
+          before_step: BeforeStep | None = None, callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """Run a sampler's `step(x, i, j) -> (x, x0)` from level i down to j over consecutive pairs of `path`.
+
+    Every sampler shares this loop: `before_step` before each step, `callback` after it; a pair going
+    up (a RePaint path) calls `renoise_to(x, i, j)` instead.
+    """
+    for i, j in _steps(path, progress):
+        if j < i:
+            x = renoise_to(x, i, j)
+            continue
+        if before_step is not None:
+            x = before_step(i, x)
+        x, x0 = step(x, i, j)
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
 # -- timestep samplers ------------------------------------------------------------------------------
 
 def ddim_update(x0: Tensor, eps: Tensor, alpha: float, alpha_prev: float, eta: float, noise: Tensor | None) -> Tensor:
@@ -97,26 +119,21 @@ def ddim_update(x0: Tensor, eps: Tensor, alpha: float, alpha_prev: float, eta: f
 
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, x: Tensor, timesteps: Sequence[int], *, eta: float = 0.0,
-                generators: Generators = None, before_step: BeforeStep | None = None,
-                callback: Callback | None = None, progress: bool = False,
-                path: Sequence[int] | None = None) -> Tensor:
+                generators: Generators = None, path: Sequence[int] | None = None, **hooks) -> Tensor:
     """DDIM from x_t [B, C, ...] at timesteps[0] down through `timesteps` (decreasing).
 
-    `path` (see `repaint_path`) may revisit levels; going up re-noises the state.
+    `path` (see `repaint_path`) may revisit levels; going up re-noises the state. `hooks`: before_step,
+    callback, progress (see the module doc).
     """
     alphas = final_alphas(denoiser.levels, timesteps)
-    for i, j in _steps(path or range(len(timesteps) + 1), progress):
-        if j < i:
-            x = renoise(x, alphas[i], alphas[j], generators)
-            continue
-        if before_step is not None:
-            x = before_step(i, x)
+
+    def step(x: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
         eps, x0 = denoiser.predict(x, timesteps[i])
         noise = randn_like(x, generators) if eta else None
-        x = ddim_update(x0, eps, alphas[i], alphas[j], eta, noise)
-        if callback is not None:
-            callback(i, x, x0)
-    return x
+        return ddim_update(x0, eps, alphas[i], alphas[j], eta, noise), x0
+
+    return _walk(x, path or range(len(timesteps) + 1), step,
+                 renoise_to=lambda x, i, j: renoise(x, alphas[i], alphas[j], generators), **hooks)
 
 
 def respaced_diffusion(diffusion: Diffusion, timesteps: Sequence[int]) -> Diffusion:
@@ -133,8 +150,7 @@ def respaced_diffusion(diffusion: Diffusion, timesteps: Sequence[int]) -> Diffus
 
 @torch.no_grad()
 def sample_ddpm(denoiser: Denoiser, x: Tensor, timesteps: Sequence[int], *, generators: Generators = None,
-                before_step: BeforeStep | None = None, callback: Callback | None = None, progress: bool = False,
-                path: Sequence[int] | None = None) -> Tensor:
+                path: Sequence[int] | None = None, **hooks) -> Tensor:
     """Ancestral sampling of p(x_{t-1} | x_t) with the model's variance (fixed small/large or learned).
 
     With fewer timesteps than the schedule has, the chain is respaced; the last step returns the mean.
@@ -142,21 +158,18 @@ def sample_ddpm(denoiser: Denoiser, x: Tensor, timesteps: Sequence[int], *, gene
     respaced = respaced_diffusion(denoiser.diffusion, timesteps)
     alphas = [float(a) for a in respaced.schedule.alphas_cumprod.flip(0)] + [1.0]
     n = len(timesteps)
-    for i, j in _steps(path or range(n + 1), progress):
-        if j < i:
-            x = renoise(x, alphas[i], alphas[j], generators)
-            continue
-        if before_step is not None:
-            x = before_step(i, x)
+
+    def step(x: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
         out = denoiser.output(x, timesteps[i])
         k = torch.full((x.shape[0],), n - 1 - i, device=x.device)
         p = respaced.p_mean_variance(out, x, k)
         x = p["mean"].to(x.dtype)
         if i < n - 1:
             x = x + (0.5 * p["log_variance"]).exp().to(x.dtype) * randn_like(x, generators)
-        if callback is not None:
-            callback(i, x, p["pred_x0"])
-    return x
+        return x, p["pred_x0"]
+
+    return _walk(x, path or range(n + 1), step,
+                 renoise_to=lambda x, i, j: renoise(x, alphas[i], alphas[j], generators), **hooks)
 
 
 PLMS_COEFFICIENTS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -171,85 +184,75 @@ def adams_bashforth(history: Sequence[Tensor]) -> Tensor:
 
 @torch.no_grad()
 def sample_plms(denoiser: Denoiser, x: Tensor, timesteps: Sequence[int], *, generators: Generators = None,
-                before_step: BeforeStep | None = None, callback: Callback | None = None,
-                progress: bool = False) -> Tensor:
+                **hooks) -> Tensor:
     """Pseudo linear multistep (Liu et al. 2022), as in LDM: an improved-Euler first step (two
     evaluations), then Adams-Bashforth of order 2, 3, 4 on eps; deterministic (eta = 0)."""
     alphas = final_alphas(denoiser.levels, timesteps)
     if alphas[0] == 0:
         raise ValueError("plms needs x0 from eps at every step; a zero-terminal-SNR schedule has none at t = T - 1")
 
-    def step(x: Tensor, eps: Tensor, i: int) -> tuple[Tensor, Tensor]:
+    def ddim_step(x: Tensor, eps: Tensor, i: int) -> tuple[Tensor, Tensor]:
         x0 = (x - (1 - alphas[i]) ** 0.5 * eps) / alphas[i] ** 0.5
         return ddim_update(x0, eps, alphas[i], alphas[i + 1], 0.0, None), x0
 
     history: list[Tensor] = []
-    for i, _ in _steps(range(len(timesteps) + 1), progress):
-        if before_step is not None:
-            x = before_step(i, x)
+
+    def step(x: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
         eps, _ = denoiser.predict(x, timesteps[i])
         if history:
             eps_prime = adams_bashforth([*history[-3:], eps])
         elif i + 1 < len(timesteps):
-            x_euler, _ = step(x, eps, i)
+            x_euler, _ = ddim_step(x, eps, i)
             eps_prime = (eps + denoiser.predict(x_euler, timesteps[i + 1])[0]) / 2
         else:
             eps_prime = eps
-        x, x0 = step(x, eps_prime, i)
         history.append(eps)
-        if callback is not None:
-            callback(i, x, x0)
-    return x
+        return ddim_step(x, eps_prime, i)
+
+    return _walk(x, range(len(timesteps) + 1), step, **hooks)
 
 
 # -- sigma samplers ---------------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: Generators = None,
-                 before_step: BeforeStep | None = None, callback: Callback | None = None,
-                 progress: bool = False) -> Tensor:
+                 **hooks) -> Tensor:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (EDM)."""
     sigmas = sigmas.tolist()
-    for i, _ in _steps(range(len(sigmas)), progress):
-        if before_step is not None:
-            x = before_step(i, x)
+
+    def step(x: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
         denoised = denoiser.denoise(x, sigmas[i])
-        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-        if callback is not None:
-            callback(i, x, denoised)
-    return x
+        return x + (x - denoised) / sigmas[i] * (sigmas[j] - sigmas[i]), denoised
+
+    return _walk(x, range(len(sigmas)), step, **hooks)
 
 
 @torch.no_grad()
 def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: Generators = None,
-                before_step: BeforeStep | None = None, callback: Callback | None = None,
-                progress: bool = False) -> Tensor:
+                **hooks) -> Tensor:
     """Heun's second-order method (EDM, Algorithm 1 without churn); the last step to 0 is Euler.
 
     So is a first step from the zero-terminal-SNR stand-in sigma: from 4096 to a few, the trapezoid
     multiplies the difference of the two slopes (noise estimates) by ~sigma / 2, while Euler there
     is the exact DDIM step."""
     sigmas = sigmas.tolist()
-    for i, _ in _steps(range(len(sigmas)), progress):
-        if before_step is not None:
-            x = before_step(i, x)
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+
+    def step(x: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
+        sigma, sigma_next = sigmas[i], sigmas[j]
         denoised = denoiser.denoise(x, sigma)
         d = (x - denoised) / sigma
         x_next = x + d * (sigma_next - sigma)
         if 0 < sigma_next and sigma < ZERO_SNR_SIGMA_MAX:
             d_next = (x_next - denoiser.denoise(x_next, sigma_next)) / sigma_next
             x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
-        x = x_next
-        if callback is not None:
-            callback(i, x, denoised)
-    return x
+        return x_next, denoised
+
+    return _walk(x, range(len(sigmas)), step, **hooks)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: Generators = None,
-                    before_step: BeforeStep | None = None, callback: Callback | None = None,
-                    progress: bool = False) -> Tensor:
+                    **hooks) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order, in data prediction.
 
     With lambda = -log sigma and h the step in lambda, x_next = (sigma_next / sigma) x + (1 - e^-h) D,
@@ -257,44 +260,107 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators
     step (to sigma = 0) is first order and returns D.
     """
     sigmas = sigmas.tolist()
-    previous = None
-    for i, _ in _steps(range(len(sigmas)), progress):
-        if before_step is not None:
-            x = before_step(i, x)
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    previous: list[Tensor] = []  # the last step's x0 prediction
+
+    def step(x: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
+        sigma, sigma_next = sigmas[i], sigmas[j]
         denoised = denoiser.denoise(x, sigma)
         if sigma_next == 0:
             x = denoised
         else:
             h = math.log(sigma / sigma_next)
             d = denoised
-            if previous is not None:
+            if previous:
                 r = math.log(sigmas[i - 1] / sigma) / h
-                d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * previous
+                d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * previous[-1]
             x = sigma_next / sigma * x - math.expm1(-h) * d
-        previous = denoised
-        if callback is not None:
-            callback(i, x, denoised)
-    return x
+        previous[:] = [denoised]
+        return x, denoised
+
+    return _walk(x, range(len(sigmas)), step, **hooks)
 
 
 # -- registry ---------------------------------------------------------------------------------------
 
+class TimestepSpace:
+    """The variance-preserving state x_t = sqrt(a) x0 + sqrt(1 - a) eps at integer timesteps."""
+
+    name = "timestep"
+    spacings = TIMESTEP_SPACINGS
+
+    def levels(self, noise_levels: NoiseLevels, steps: int, spacing: str) -> list[int]:
+        """The decreasing timesteps a sampler runs through [levels]."""
+        return make_timesteps(noise_levels.num_timesteps, steps, spacing)
+
+    def state_scales(self, noise_levels: NoiseLevels, levels: Sequence[int]) -> list[tuple[float, float]]:
+        """(signal, noise) with state = signal x0 + noise eps at each level a step starts from [levels]."""
+        alphas = [float(noise_levels.alphas_cumprod[t]) for t in levels]
+        return [(a**0.5, (1 - a) ** 0.5) for a in alphas]
+
+    def pure_noise_scale(self, levels: Sequence[int]) -> float:
+        return 1.0  # DDPM/LDM start from x_T = noise
+
+
+class SigmaSpace:
+    """The variance-exploding state x = x_t / sqrt(a) = x0 + sigma eps, with sigmas ending at 0."""
+
+    name = "sigma"
+    spacings = SIGMA_SPACINGS
+
+    def levels(self, noise_levels: NoiseLevels, steps: int, spacing: str) -> Tensor:
+        """The decreasing sigmas a sampler runs through, float64 [levels + 1] ending in 0."""
+        return make_sigmas(noise_levels, steps, spacing)
+
+    def state_scales(self, noise_levels: NoiseLevels, levels: Tensor) -> list[tuple[float, float]]:
+        return [(1.0, float(s)) for s in levels[:-1]]
+
+    def pure_noise_scale(self, levels: Tensor) -> float:
+        return float(levels[0])
+
+
+StateSpace = TimestepSpace | SigmaSpace
+STATE_SPACES: dict[str, StateSpace] = {space.name: space for space in (TimestepSpace(), SigmaSpace())}
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
-    """How to run a sampler: its loop, the space its state lives in, its default level spacing,
-    and whether it can follow a RePaint path (go back up)."""
+    """What a sampler is and supports: its loop, the space its state lives in (which gives its
+    levels and allowed spacings), its default spacing and the one on a zero-terminal-SNR schedule,
+    whether it takes DDIM's eta, and whether it can follow a RePaint path (go back up)."""
 
     sample: Callable[..., Tensor]
-    space: str  # "timestep" (x_t, integer timesteps) or "sigma" (x_t / sqrt(a), sigmas ending at 0)
+    space: str  # "timestep" or "sigma", a key of STATE_SPACES
     default_spacing: str
+    # On a zero-terminal-SNR schedule sampling must start at t = T - 1 (pure noise) for images to get
+    # their own mean brightness (Lin et al. 2023), so "trailing"; PLMS's eps steps cannot start there.
+    zero_snr_spacing: str = "trailing"
+    eta: bool = False
     resampling: bool = False
+
+    @property
+    def state_space(self) -> StateSpace:
+        """Where the state lives: gives the levels, their state scales and the allowed spacings."""
+        return STATE_SPACES[self.space]
+
+    @property
+    def spacings(self) -> tuple[str, ...]:
+        return self.state_space.spacings
+
+    def spacing_for(self, schedule: NoiseSchedule) -> str:
+        """The level spacing this sampler uses on `schedule` unless told."""
+        return self.zero_snr_spacing if schedule.has_zero_terminal_snr else self.default_spacing
+
+    def run(self, denoiser: Denoiser, x: Tensor, levels, *, eta: float = 0.0, **kwargs) -> Tensor:
+        """`sample` with the options it takes: eta only where it applies."""
+        if self.eta:
+            kwargs["eta"] = eta
+        return self.sample(denoiser, x, levels, **kwargs)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(sample_ddpm, "timestep", "linspace", resampling=True),
-    "ddim": SamplerSpec(sample_ddim, "timestep", "uniform", resampling=True),
-    "plms": SamplerSpec(sample_plms, "timestep", "uniform"),
+    "ddim": SamplerSpec(sample_ddim, "timestep", "uniform", eta=True, resampling=True),
+    "plms": SamplerSpec(sample_plms, "timestep", "uniform", zero_snr_spacing="uniform"),
     "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, "sigma", "karras"),
     "euler": SamplerSpec(sample_euler, "sigma", "karras"),
     "heun": SamplerSpec(sample_heun, "sigma", "karras"),
@@ -308,11 +374,11 @@ def get_sampler(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
+def samplers_with(capability: str) -> list[str]:
+    """Names of the registered samplers whose spec has `capability` (e.g. "eta", "resampling") set."""
+    return [name for name, spec in SAMPLERS.items() if getattr(spec, capability)]
+
+
 def default_spacing(name: str, schedule: NoiseSchedule) -> str:
-    """The level spacing sampler `name` uses unless told: its own, or "trailing" on a zero-terminal-SNR
-    schedule, where sampling must start at t = T - 1 (pure noise) for images to get their own mean
-    brightness (Lin et al. 2023). PLMS keeps its own there: its eps-based steps cannot start at T - 1."""
-    spec = get_sampler(name)
-    if schedule.has_zero_terminal_snr and name != "plms":
-        return "trailing"
-    return spec.default_spacing
+    """The level spacing sampler `name` uses on `schedule` unless told (see `SamplerSpec.spacing_for`)."""
+    return get_sampler(name).spacing_for(schedule)

@@ -5,8 +5,9 @@ import pytest
 import torch
 from sampling_helpers import T, alpha_at
 
-from ldm.denoiser import NoiseLevels, eps_x0_from_output, karras_sigmas, make_sigmas, make_timesteps, output_from_eps_x0
+from ldm.denoiser import NoiseLevels, karras_sigmas, make_sigmas, make_timesteps
 from ldm.diffusion import predict_eps, predict_x0
+from ldm.parameterization import parameterization as kind
 from ldm.schedule import NoiseSchedule, make_betas
 
 
@@ -16,10 +17,10 @@ def test_conversions_match_diffusion(schedule, parameterization):
     x_t, out = torch.randn(2, 4, 3, 3, 5, generator=g).unbind(0)
     t = torch.tensor([0, 17, 500, 999])
     a = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
-    eps, x0 = eps_x0_from_output(out, x_t, a, parameterization)
+    eps, x0 = kind(parameterization).to_eps_x0(out, x_t, a)
     torch.testing.assert_close(eps, predict_eps(schedule, x_t, t, out, parameterization), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(x0, predict_x0(schedule, x_t, t, out, parameterization), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(output_from_eps_x0(eps, x0, a, parameterization), out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kind(parameterization).from_eps_x0(eps, x0, a), out, rtol=1e-4, atol=1e-4)
 
 
 def test_noise_levels(schedule):

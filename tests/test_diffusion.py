@@ -229,14 +229,14 @@ def test_bad_inputs(schedule):
 
 
 def test_config_builds_diffusion():
-    from training.config import from_dict
+    from common.config import from_dict
 
     config = from_dict(
         DiffusionConfig,
         {"schedule": {"kind": "cosine", "num_timesteps": 500}, "parameterization": "v", "min_snr_gamma": 5},
     )
     diffusion = Diffusion.from_config(config)
-    assert diffusion.num_timesteps == 500 and diffusion.parameterization == "v"
+    assert diffusion.num_timesteps == 500 and diffusion.parameterization.name == "v"
     assert diffusion.min_snr_gamma == 5.0
     torch.testing.assert_close(diffusion.schedule.betas, make_betas("cosine", 500).float())
 

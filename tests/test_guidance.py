@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ldm.denoiser import eps_x0_from_output
+from ldm.parameterization import parameterization as kind
 from ldm.diffusion import Diffusion
 from ldm.guidance import ClassifierFreeGuidance, guide, rescale_guided
 
@@ -67,7 +67,7 @@ def test_guidance_rescale_on_x0(schedule, parameterization):
     diffusion = Diffusion(schedule, parameterization=parameterization)
     x, t = torch.randn(3, 4, 6, 6), torch.tensor([50.0, 400.0, 900.0])
     a = schedule.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
-    to_x0 = lambda out: eps_x0_from_output(out, x, a, parameterization)[1]  # noqa: E731
+    to_x0 = lambda out: kind(parameterization).to_eps_x0(out, x, a)[1]  # noqa: E731
     plain = ClassifierFreeGuidance(model, diffusion, cond, uncond, 9.0)(x, t)
     full = ClassifierFreeGuidance(model, diffusion, cond, uncond, 9.0, rescale=1.0)(x, t)
     half = ClassifierFreeGuidance(model, diffusion, cond, uncond, 9.0, rescale=0.5)(x, t)
