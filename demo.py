@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.cli import ArgumentParser, run
+from common.cli import ArgumentParser, run
 
 ROOT = Path(__file__).resolve().parent
 MODEL_DIR = ROOT / "models" / "default"

@@ -14,7 +14,6 @@ output blocks when unlocked, with its config and the stage-2 file's sha256 in th
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +22,20 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from common.cli import run
+from common.config import ConfigError
+from common.weights import file_sha256, load_weights
 from conditioning import drop_captions
 from conditioning.context_cache import ContextCache
 from data import DataConfig, build_dataset
 from ldm.controlnet import Control, ControlledModel, ControlNet, save_controlnet
+from ldm.generation import generate_latents
 from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import load_model
 from train_stage2 import LatentDiffusionTask, OptimConfig
-from training import TrainConfig, train
-from training.checkpoint import file_sha256, load_weights
-from training.cli import run, start_run, train_parser
-from training.config import ConfigError
+from training import TrainConfig, ema_weights, eval_mode, train
+from training.cli import start_run, train_parser
 
 log = logging.getLogger("train_controlnet")
 
@@ -123,12 +124,11 @@ class ControlNetTask(LatentDiffusionTask):
 
     @torch.no_grad()
     def images(self, batch, ema):
-        from ldm.generation import generate_latents
-
+        """Samples for the batch's first conditions and captions with the EMA weights (when kept)."""
         s = self.cfg.samples
         count = min(s.count, len(batch["caption"]))
         hints = batch["hint"][:count]
-        with self._sampling_weights(ema):
+        with ema_weights(self.trainable, ema), eval_mode(self.model):
             latents = generate_latents(self.model, list(batch["caption"][:count]), seed=s.seed, sampler=s.sampler,
                                        steps=s.steps, guidance=s.guidance, height=hints.shape[2],
                                        width=hints.shape[3], control=[Control(
@@ -138,22 +138,6 @@ class ControlNetTask(LatentDiffusionTask):
         if "image" in batch:
             grids["targets"] = batch["image"][:count]
         return grids
-
-    @contextlib.contextmanager
-    def _sampling_weights(self, ema):
-        """EMA weights (when kept) and eval mode inside the block; the live weights and train mode after."""
-        live = {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in self.trainable.items()}
-        if ema is not None:
-            self.trainable.load_state_dict(ema.shadow.state_dict())
-        self.model.unet.eval()
-        self.trainable.eval()
-        try:
-            yield
-        finally:
-            for k, m in self.trainable.items():
-                m.load_state_dict(live[k])
-            self.model.unet.train()
-            self.trainable.train()
 
 
 def check_config(cfg: ControlNetTrainConfig, model: LatentDiffusion) -> None:

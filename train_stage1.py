@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from autoencoder import build_autoencoder, build_autoencoder_loss, measure_scale_factor
-from autoencoder.model_file import save_autoencoder
 from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig
+from autoencoder.model_file import save_autoencoder
+from common.cli import run
+from common.weights import load_weights
 from data import DataConfig, build_dataset
-from training import TrainConfig, TrainingTask, train
-from training.checkpoint import load_weights
-from training.cli import run, start_run, train_parser
+from training import TrainConfig, TrainingTask, ema_weights, train
+from training.cli import start_run, train_parser
 
 log = logging.getLogger("train_stage1")
 
@@ -77,12 +79,10 @@ class AutoencoderTask(TrainingTask):
 
     @torch.no_grad()
     def images(self, batch, ema):
-        model = ema.shadow if ema is not None else self.autoencoder
+        """Up to 8 images over their reconstructions with the EMA weights (when kept)."""
         x = batch["image"][:8]
-        was_training = model.training
-        model.eval()
-        x_hat = model(x)[0]
-        model.train(was_training)
+        with ema_weights(self.autoencoder, ema):
+            x_hat = self.autoencoder(x)[0]
         return {"reconstruction": torch.cat([x, x_hat])}
 
 
@@ -109,8 +109,6 @@ def main() -> None:
 
 def _scale_batches(dataset, cfg: Stage1Config, device):
     """A fixed, shuffled selection of training batches to measure the latent std on."""
-    from torch.utils.data import DataLoader, IterableDataset
-
     shuffle = not isinstance(dataset, IterableDataset)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=shuffle,
                         generator=torch.Generator().manual_seed(cfg.train.seed), num_workers=cfg.train.num_workers)

@@ -18,15 +18,17 @@ import torch
 from torch import nn
 
 from autoencoder.model_file import load_autoencoder
+from common.cli import run
+from common.weights import load_weights
 from conditioning import drop_captions
 from conditioning.context_cache import ContextCache
 from data import DataConfig, build_dataset
+from ldm.generation import generate_latents
 from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.original_format import load_model
-from training import TrainConfig, TrainingTask, train
-from training.checkpoint import load_weights
-from training.cli import run, start_run, train_parser
+from training import TrainConfig, TrainingTask, ema_weights, eval_mode, train
+from training.cli import start_run, train_parser
 
 log = logging.getLogger("train_stage2")
 
@@ -106,23 +108,14 @@ class LatentDiffusionTask(TrainingTask):
 
     @torch.no_grad()
     def images(self, batch, ema):
+        """Samples of the fixed prompts with the EMA weights (when kept); training resumes from the live ones."""
         if not self.cfg.samples.prompts:
             return {}
-        from ldm.generation import generate_latents
-
         s = self.cfg.samples
-        live = {k: m.state_dict() for k, m in self.trainable.items()}
-        if ema is not None:
-            self.trainable.load_state_dict(ema.shadow.state_dict())
-        self.model.eval()
-        try:
+        with ema_weights(self.trainable, ema), eval_mode(self.model):
             latents = generate_latents(self.model, s.prompts, seed=s.seed, sampler=s.sampler, steps=s.steps,
                                        guidance=s.guidance, height=self.cfg.data.size, width=self.cfg.data.size)
             images = self.model.decode_latents(latents)
-        finally:
-            for k, m in self.trainable.items():
-                m.load_state_dict(live[k])
-            self.trainable.train()
         return {"samples": images}
 
     def extra_state(self) -> dict:

@@ -1,12 +1,7 @@
 """Stage 1: autoencoders that map images to latents (KL- or VQ-regularised) and their losses."""
 from autoencoder.checkpoint import autoencoder_state_dict, load_autoencoder_weights
-from autoencoder.config import (
-    AutoencoderConfig,
-    AutoencoderLossConfig,
-    DDConfig,
-    build_autoencoder,
-    build_autoencoder_loss,
-)
+from autoencoder.build import build_autoencoder, build_autoencoder_loss
+from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig, DDConfig
 from autoencoder.discriminator import NLayerDiscriminator
 from autoencoder.kl import AutoencoderKL, DiagonalGaussianDistribution
 from autoencoder.losses import AutoencoderLoss

@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from training.checkpoint import load_weights
+from common.weights import load_state_dict_strict, load_weights
 
 FULL_MODEL_PREFIX = "first_stage_model."
 # Training-only state that is never part of the autoencoder itself: LPIPS, discriminator and
@@ -34,18 +34,10 @@ def autoencoder_state_dict(weights: dict[str, torch.Tensor], ignore_keys: Iterab
 def load_autoencoder_weights(model: nn.Module, path: str | Path, ignore_keys: Iterable[str] = ()) -> None:
     """Load an original-format checkpoint into `model` strictly (keys from `ignore_keys` excepted).
 
-    Raises ValueError naming the first missing and unexpected keys when the layouts differ.
+    Raises CheckpointError (a ValueError) naming the first missing, unexpected and mis-shaped keys
+    when the layouts differ.
     """
     ignore_keys = tuple(ignore_keys)
     state = autoencoder_state_dict(load_weights(path), ignore_keys)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{path}: does not fit {type(model).__name__}: {str(e).strip().splitlines()[-1].strip()}") from None
-    missing = [k for k in result.missing_keys if not k.startswith(ignore_keys or ("\0",))]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"{path}: does not fit {type(model).__name__} "
-            f"({len(missing)} missing, e.g. {missing[:3]}; {len(result.unexpected_keys)} unexpected, "
-            f"e.g. {result.unexpected_keys[:3]}); check ddconfig/embed_dim against the checkpoint"
-        )
+    load_state_dict_strict(model, state, path, allow_missing=ignore_keys,
+                           hint="check ddconfig/embed_dim against the checkpoint")

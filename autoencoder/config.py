@@ -1,4 +1,4 @@
-"""Config dataclasses for stage-1 autoencoders and their losses, and the builders that use them.
+"""Config dataclasses for stage-1 autoencoders and their losses (`autoencoder.build` builds from them).
 
 A stage-1 YAML file holds `model:` (AutoencoderConfig) and `loss:` (AutoencoderLossConfig)
 sections next to the training loop's `data:` and `train:`. `ddconfig` keeps the original LDM keys,
@@ -7,12 +7,9 @@ so a `ddconfig:` block copied from an original config file reads unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from training.config import from_dict
-
-if TYPE_CHECKING:
-    from torch import nn
+from common.config import from_dict
 
 
 @dataclass
@@ -80,34 +77,3 @@ class AutoencoderLossConfig:
     disc_ndf: int = 64
     disc_norm: Literal["batch", "group"] = "batch"
     disc_loss: Literal["hinge", "vanilla"] = "hinge"
-
-
-def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
-    """An AutoencoderKL or VQModel with freshly initialised weights."""
-    # Imported here: the model modules import DDConfig from this file.
-    from autoencoder.kl import AutoencoderKL
-    from autoencoder.vq import VQModel
-
-    if cfg.kind == "kl":
-        return AutoencoderKL(ddconfig=cfg.ddconfig, embed_dim=cfg.embed_dim)
-    if cfg.kind == "vq":
-        return VQModel(
-            ddconfig=cfg.ddconfig,
-            n_embed=cfg.n_embed,
-            embed_dim=cfg.embed_dim,
-            sane_index_shape=cfg.sane_index_shape,
-            beta=cfg.beta,
-            legacy=cfg.legacy,
-            codebook_ema=cfg.codebook_ema,
-            ema_decay=cfg.ema_decay,
-            ema_eps=cfg.ema_eps,
-            dead_code_steps=cfg.dead_code_steps,
-        )
-    raise ValueError(f"model.kind must be 'kl' or 'vq', got {cfg.kind!r}")
-
-
-def build_autoencoder_loss(cfg: AutoencoderLossConfig) -> nn.Module:
-    """The reconstruction + regulariser + GAN loss module (holds the discriminator and logvar)."""
-    from autoencoder.losses import AutoencoderLoss
-
-    return AutoencoderLoss(**vars(cfg))

@@ -29,12 +29,12 @@ import torch
 
 from autoencoder.model_file import load_autoencoder
 from autoencoder.perceptual import BACKBONE_FILES, DOWNLOAD_URL, LPIPS, default_backbone_path
+from common.cli import ArgumentParser, run
 from data import build_dataset
 from metrics.eval_data import data_config, iterate_batches, subset_size
 from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
 from metrics.image_quality import psnr, ssim, to_unit_range
 from metrics.shapes_judge import ShapesJudge, adherence
-from training.cli import ArgumentParser, run
 
 log = logging.getLogger("autoencoder.evaluate")
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from torch import nn
 
-from autoencoder.config import AutoencoderConfig, build_autoencoder
-from training.checkpoint import CheckpointError, load_weights, read_metadata, save_weights
-from training.config import from_dict
+from autoencoder.build import build_autoencoder
+from autoencoder.config import AutoencoderConfig
+from common.config import from_dict
+from common.weights import CheckpointError, load_state_dict_strict, load_weights, read_metadata, save_weights
 
 
 def save_autoencoder(model: nn.Module, cfg: AutoencoderConfig, path: str | Path, scale_factor: float) -> None:
@@ -26,9 +27,5 @@ def load_autoencoder(path: str | Path) -> tuple[nn.Module, AutoencoderConfig, fl
                               "(no ldm-stage1 metadata)")
     cfg = from_dict(AutoencoderConfig, meta["config"], source=str(path))
     model = build_autoencoder(cfg)
-    state = load_weights(path)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{path}: weights do not fit the config in its metadata "
-                              f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
+    load_state_dict_strict(model, load_weights(path), path, what="the autoencoder its metadata describes")
     return model.eval(), cfg, float(meta["scale_factor"])

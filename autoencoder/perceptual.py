@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.checkpoint import load_torch
+from common.weights import load_state_dict_strict, load_torch
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,14 @@ def _load_backbone(trunk: nn.Module, path: Path) -> None:
         source = source["state_dict"]
     target = {}
     for name in trunk.state_dict():
-        _, index, rest = name.split(".", 2)
-        key = f"features.{index}.{rest}"
+        key = _torchvision_key(name)
         if key not in source:
             raise ValueError(f"{path}: not a torchvision backbone file for LPIPS (missing '{key}')")
         target[name] = source[key]
-    try:
-        trunk.load_state_dict(target, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the LPIPS backbone: {str(e).strip().splitlines()[-1]}") from None
+    load_state_dict_strict(trunk, target, path, what="the LPIPS backbone", file_key=_torchvision_key)
+
+
+def _torchvision_key(name: str) -> str:
+    """lpips' `slice<k>.<i>.<rest>` -> torchvision's `features.<i>.<rest>`."""
+    _, index, rest = name.split(".", 2)
+    return f"features.{index}.{rest}"

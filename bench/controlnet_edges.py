@@ -37,8 +37,8 @@ from ldm.generation import generate_latents  # noqa: E402
 from ldm.latent_diffusion import LatentDiffusion  # noqa: E402
 from metrics.edge_agreement import edge_counts, edge_f1, edge_maps  # noqa: E402
 from train_controlnet import ControlNetTrainConfig  # noqa: E402
-from training import load_config  # noqa: E402
-from training.checkpoint import write_text_atomic  # noqa: E402
+from common.config import load_config  # noqa: E402
+from common.weights import write_text_atomic  # noqa: E402
 
 
 def train(args: argparse.Namespace, out: Path) -> Path:

@@ -40,8 +40,9 @@ from ldm.evaluate import Evaluator  # noqa: E402
 from ldm.latent_diffusion import LatentDiffusion  # noqa: E402
 from ldm.samplers import SAMPLERS  # noqa: E402
 from metrics.clip_score import DEFAULT_ARCH, DEFAULT_WEIGHTS  # noqa: E402
-from training.checkpoint import CheckpointDir, CheckpointError, file_sha256, load_weights, write_text_atomic  # noqa: E402,E501
-from training.cli import ArgumentParser, run  # noqa: E402
+from common.weights import CheckpointError, file_sha256, load_weights, write_text_atomic  # noqa: E402
+from training.checkpoint import CheckpointDir  # noqa: E402
+from common.cli import ArgumentParser, run  # noqa: E402
 from training.run_log import training_minutes  # noqa: E402
 
 log = logging.getLogger("quality_sweep")

@@ -23,7 +23,8 @@ from autoencoder.config import AutoencoderConfig  # noqa: E402
 from ldm.latent_diffusion import LatentDiffusion  # noqa: E402
 from train_stage1 import Stage1Config  # noqa: E402
 from train_stage2 import LatentDiffusionTask, Stage2Config  # noqa: E402
-from training import EMA, load_config  # noqa: E402
+from common.config import load_config  # noqa: E402
+from training import EMA  # noqa: E402
 
 
 class _CPU:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.cli import run
+
 
 def canny(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
     """Edges of an image.
@@ -116,6 +118,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from training.cli import run
-
     run(lambda: main(sys.argv[1:]))

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from common.weights import CheckpointError, load_state_dict_strict, load_weights, read_metadata, save_weights
 from ldm.blocks import zero_module
 from ldm.unet import UNetEncoder, UNetModel
-from training.checkpoint import CheckpointError, load_weights, read_metadata, save_weights
 
 # Widths of the original hint encoder: conv_in to 16, then (same-width conv, widening conv) pairs.
 HINT_WIDTHS = (16, 32, 96, 256)
@@ -39,6 +39,7 @@ FILE_FORMAT = "ldm-controlnet"
 CONTROL_PREFIX = "control_model."  # the original ControlLDM's prefixes, kept in our files too
 UNET_PREFIX = "model.diffusion_model."
 ENCODER_PARTS = ("time_embed", "label_emb", "input_blocks", "middle_block")
+OWN_PARTS = ("input_hint_block.", "zero_convs.", "middle_block_out.")  # what the U-Net has no weights for
 DECODER_PARTS = ("output_blocks", "out")
 
 
@@ -111,12 +112,7 @@ class ControlNet(UNetEncoder):
         """
         net = cls(**unet.encoder_args, hint_channels=hint_channels, latent_factor=latent_factor)
         encoder = {k: v for k, v in unet.state_dict().items() if k.split(".")[0] in ENCODER_PARTS}
-        result = net.load_state_dict(encoder, strict=False)
-        own = ("input_hint_block.", "zero_convs.", "middle_block_out.")
-        if result.unexpected_keys or any(not k.startswith(own) for k in result.missing_keys):
-            raise ValueError(f"ControlNet.from_unet: the U-Net's encoder does not fit (missing "
-                             f"{[k for k in result.missing_keys if not k.startswith(own)][:3]}, unexpected "
-                             f"{result.unexpected_keys[:3]})")
+        load_state_dict_strict(net, encoder, "ControlNet.from_unet: the U-Net's encoder", allow_missing=OWN_PARTS)
         reference = next(unet.parameters())
         return net.to(device=reference.device, dtype=reference.dtype)
 
@@ -278,7 +274,8 @@ def load_controlnet(path: str | Path, unet: UNetModel | None = None, latent_fact
     path = Path(path)
     weights = load_weights(path)
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
-    state = {k[len(CONTROL_PREFIX):]: v for k, v in weights.items() if k.startswith(CONTROL_PREFIX)} or weights
+    prefixed = {k[len(CONTROL_PREFIX):]: v for k, v in weights.items() if k.startswith(CONTROL_PREFIX)}
+    state, file_prefix = (prefixed, CONTROL_PREFIX) if prefixed else (weights, "")
     if "input_hint_block.0.weight" not in state:
         raise CheckpointError(f"{path}: no ControlNet weights (neither control_model.* nor bare "
                               "input_hint_block.* keys)")
@@ -292,9 +289,6 @@ def load_controlnet(path: str | Path, unet: UNetModel | None = None, latent_fact
                       latent_factor=latent_factor)
         decoder = {}  # a 1.0 file's model.diffusion_model.* is the whole base model, not a trained decoder
     net = ControlNet(**config)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise CheckpointError(f"{path}: ControlNet weights do not fit its architecture: {detail[:400]}") from None
+    load_state_dict_strict(net, state, path, what="the ControlNet its config describes",
+                           file_key=lambda k: file_prefix + k)
     return ControlNetFile(net.to(device).eval(), decoder, meta)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
-from training.checkpoint import file_sha256, load_weights, read_metadata, save_weights
+from common.weights import file_sha256, load_weights, read_metadata, save_weights
 
 log = logging.getLogger(__name__)
 

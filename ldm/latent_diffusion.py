@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from autoencoder import AutoencoderConfig, build_autoencoder
+from common.config import from_dict
+from common.weights import CheckpointError, load_state_dict_strict, load_weights, read_metadata, save_weights
 from conditioning import TextEncoderConfig, build_text_encoder
 from ldm.diffusion import Diffusion, DiffusionConfig
 from ldm.unet import UNetModel
-from training.checkpoint import CheckpointError, load_weights, read_metadata, save_weights
-from training.config import from_dict
 
 
 @dataclass
@@ -152,33 +152,6 @@ class LatentDiffusion(nn.Module):
             state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
             if prefix == "text_encoder." and not state:
                 continue  # a frozen pretrained encoder, rebuilt from its own source above
-            _load_strict(module, state, path, prefix)
+            load_state_dict_strict(module, state, path, what=f"the model's '{prefix}*' part",
+                                   file_key=lambda k, prefix=prefix: prefix + k)
         return model.to(device).eval()
-
-    # -- original CompVis / Stability-AI format ------------------------------------------------------
-
-    @classmethod
-    def from_original(cls, checkpoint: str | Path, config, use_ema: bool = False,
-                      device: str | torch.device = "cpu") -> LatentDiffusion:
-        """Load an original SD / LDM `.ckpt` / `.safetensors` with its original YAML (see ldm.original_format)."""
-        from ldm.original_format import load_original_model
-
-        return load_original_model(checkpoint, config, use_ema=use_ema, device=device)
-
-    def export_original(self, path: str | Path, unet_state: dict[str, torch.Tensor] | None = None,
-                        dtype: torch.dtype | None = None) -> Path:
-        """Write an original-format `.safetensors` plus its YAML beside it; returns the YAML's path."""
-        from ldm.original_format import export_original
-
-        return export_original(self, path, unet_state=unet_state, dtype=dtype)
-
-
-def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path, prefix: str) -> None:
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: '{prefix}*' weights do not fit: {str(e).strip().splitlines()[-1].strip()}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{path}: '{prefix}*' weights do not fit ({len(result.missing_keys)} missing, e.g. "
-                              f"{result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, e.g. "
-                              f"{result.unexpected_keys[:3]})")

@@ -14,11 +14,11 @@ from typing import Any
 import yaml
 
 from autoencoder import AutoencoderConfig, DDConfig
+from common.config import from_dict
 from conditioning import TextEncoderConfig
 from ldm.diffusion import DiffusionConfig
 from ldm.latent_diffusion import LatentDiffusionConfig, UNetConfig
 from ldm.schedule import ScheduleConfig
-from training.config import from_dict
 
 LDM_TARGETS = ("ldm.models.diffusion.ddpm.LatentDiffusion", "cldm.cldm.ControlLDM")
 UNET_TARGETS = ("ldm.modules.diffusionmodules.openaimodel.UNetModel", "cldm.cldm.ControlledUnetModel")

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from autoencoder import AutoencoderConfig, build_autoencoder
+from common.weights import CheckpointError, load_state_dict_strict, load_torch, read_metadata, save_weights
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.original_config import OriginalModelConfig, parse_original_config, write_original_config
-from training.checkpoint import CheckpointError, load_torch, save_weights
 
 UNET_PREFIX = "model.diffusion_model."
 AUTOENCODER_PREFIX = "first_stage_model."
@@ -48,8 +50,6 @@ class TensorFile:
         if not self.path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {self.path}")
         if self.path.suffix == ".safetensors":
-            from safetensors import SafetensorError, safe_open
-
             try:
                 self._handle = safe_open(str(self.path), framework="pt", device="cpu")
                 self._keys = list(self._handle.keys())
@@ -100,26 +100,17 @@ def _load_module(module: nn.Module, tensors: TensorFile, names: dict[str, str], 
                  what: str) -> None:
     """Assign `tensors[names[k]]` to every entry `k` of `module.state_dict()`, strictly.
 
-    `names` maps the module's keys to file keys. Raises CheckpointError naming the first missing,
-    mis-shaped and unexpected keys.
+    `names` maps the module's keys to file keys. Raises CheckpointError naming the first missing
+    and mis-shaped keys (by their names in the file).
     """
     expected = module.state_dict(keep_vars=True)
-    missing = [names[k] for k in expected if names[k] not in tensors]
-    state, misshaped = {}, []
+    state = {}
     for key, like in expected.items():
-        if names[key] not in tensors:
-            continue
-        value = _fit(tensors.get(names[key]), like, key)
-        if value.shape != like.shape:
-            misshaped.append(f"{names[key]} {tuple(value.shape)} (model {tuple(like.shape)})")
-            continue
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        state[key] = value
-    if missing or misshaped:
-        raise CheckpointError(f"{tensors.path}: {what} weights do not fit: {len(missing)} missing, e.g. {missing[:5]}; "
-                              f"{len(misshaped)} mis-shaped, e.g. {misshaped[:5]}; check the config against the file")
-    module.load_state_dict(state, strict=True, assign=True)
+        if names[key] in tensors:
+            value = _fit(tensors.get(names[key]), like, key)
+            state[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+    load_state_dict_strict(module, state, tensors.path, what=f"the {what}", file_key=lambda k: names.get(k, k),
+                           assign=True, hint="check the config against the file")
 
 
 class _MetaStaysMeta(torch.overrides.TorchFunctionMode):
@@ -137,8 +128,6 @@ class _MetaStaysMeta(torch.overrides.TorchFunctionMode):
 
 def build_empty_model(config: OriginalModelConfig) -> LatentDiffusion:
     """The model with its parameters on the meta device (no storage); buffers (masks, ...) stay real."""
-    from accelerate import init_empty_weights
-
     with init_empty_weights(include_buffers=False), _MetaStaysMeta():
         autoencoder = build_autoencoder(config.autoencoder)
         return LatentDiffusion(config.ldm, autoencoder, config.autoencoder, config.scale_factor)
@@ -206,8 +195,6 @@ def load_original_autoencoder(checkpoint: str | Path, config: AutoencoderConfig,
                               dtype: torch.dtype | None = torch.float32) -> nn.Module:
     """An autoencoder from a stand-alone VAE file (`encoder.*`, `decoder.*`, `loss.*` dropped) or from
     the `first_stage_model.*` part of a full SD file; strict, one tensor at a time."""
-    from accelerate import init_empty_weights
-
     tensors = TensorFile(checkpoint)
     with init_empty_weights(include_buffers=False):
         autoencoder = build_autoencoder(config)
@@ -262,14 +249,8 @@ def export_original(model: LatentDiffusion, path: str | Path, unet_state: dict[s
     return config_path
 
 
-__all__ = ["LatentDiffusionConfig", "OriginalModelConfig", "TensorFile", "ema_key", "export_original",
-           "load_original_autoencoder", "load_original_model", "original_state_dict", "parse_original_config"]
-
-
 def is_original_checkpoint(path: str | Path) -> bool:
     """True unless `path` is a stage-2 file written by `LatentDiffusion.save` (ldm-stage2 metadata)."""
-    from training.checkpoint import read_metadata
-
     path = Path(path)
     return path.suffix != ".safetensors" or read_metadata(path).get("format") != "ldm-stage2"
 
@@ -296,3 +277,8 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, use_ema
                              "(e.g. configs/sd/v1-inference.yaml)")
         config = beside
     return load_original_model(checkpoint, config, use_ema=use_ema, device=device)
+
+
+__all__ = ["LatentDiffusionConfig", "OriginalModelConfig", "TensorFile", "ema_key", "export_original",
+           "is_original_checkpoint", "load_model", "load_original_autoencoder", "load_original_model",
+           "original_state_dict", "parse_original_config"]

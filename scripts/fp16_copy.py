@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from training.checkpoint import cast_weights_file  # noqa: E402
-from training.cli import ArgumentParser, run  # noqa: E402
+from common.weights import cast_weights_file  # noqa: E402
+from common.cli import ArgumentParser, run  # noqa: E402
 
 
 def main() -> None:

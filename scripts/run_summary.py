@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from training.cli import ArgumentParser, run  # noqa: E402
+from common.cli import ArgumentParser, run  # noqa: E402
 from training.run_log import read_scalars, training_minutes  # noqa: E402
 
 

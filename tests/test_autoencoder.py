@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import autoencoder as ae
 from autoencoder.modules import GroupNorm32
 from train_stage1 import Stage1Config
-from training.config import load_config
+from common.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "autoencoder"

@@ -26,7 +26,7 @@ from conditioning import (
     drop_captions,
 )
 from conditioning.pretrained_text_encoders import MINILM, resolve_package_path
-from training.config import from_dict
+from common.config import from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

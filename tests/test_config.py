@@ -4,7 +4,7 @@ from typing import Literal
 
 import pytest
 
-from training.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 
 
 @dataclass

@@ -30,7 +30,7 @@ from ldm.controlnet import (
 from ldm.generation import generate_latents
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
 from ldm.unet import UNetModel
-from training.checkpoint import CheckpointError, load_weights, read_metadata
+from common.weights import CheckpointError, load_weights, read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 SD1_CONTROL = dict(image_size=32, in_channels=4, hint_channels=3, model_channels=320, attention_resolutions=[4, 2, 1],

@@ -19,7 +19,7 @@ from data.config import validate_config
 from data.emoji import find_emoji_font, is_held_out
 from data.fashion_mnist import CLASS_NAMES
 from data.shapes import COLORS, POSITIONS, SIZES, render_scene, sample_scene, scene_caption
-from training.config import ConfigError, from_dict
+from common.config import ConfigError, from_dict
 
 SIZE = 16
 

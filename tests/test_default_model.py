@@ -12,7 +12,7 @@ from ldm.controlnet import load_controlnet
 from ldm.generation import generate_latents
 from ldm.latent_diffusion import LatentDiffusion
 from metrics.edge_agreement import edge_counts, edge_f1, edge_maps
-from training.checkpoint import file_sha256, load_weights, read_metadata
+from common.weights import file_sha256, load_weights, read_metadata
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 MODEL = MODEL_DIR / "model.safetensors"

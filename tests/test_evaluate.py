@@ -15,7 +15,7 @@ from conditioning import TextEncoderConfig
 from ldm.evaluate import Evaluator, main
 from ldm.generation import SAMPLERS, generate_latents
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
-from training.checkpoint import save_torch, save_weights
+from common.weights import save_torch, save_weights
 from conftest import load_script
 
 SIZE = 32  # the shapes judge reads 32-pixel scenes; the tiny autoencoder halves once

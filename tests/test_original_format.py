@@ -21,7 +21,7 @@ from ldm.original_format import (
     load_original_autoencoder,
     load_original_model,
 )
-from training.checkpoint import CheckpointError
+from common.weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # image pixels; the tiny autoencoder halves once
@@ -321,11 +321,11 @@ def test_generate_runs_an_original_file_with_config(exported, tmp_path):
 # ----------------------------------------------------------------------------- variants
 
 
-def test_fp16_export_loads_back_close_and_methods_on_the_model(tmp_path):
+def test_fp16_export_loads_back_close(tmp_path):
     model = tiny_model()
-    config = model.export_original(tmp_path / "half.safetensors", dtype=torch.float16)
+    config = export_original(model, tmp_path / "half.safetensors", dtype=torch.float16)
     assert load_file(str(tmp_path / "half.safetensors"))["model.diffusion_model.out.2.weight"].dtype == torch.float16
-    loaded = LatentDiffusion.from_original(tmp_path / "half.safetensors", config)
+    loaded = load_original_model(tmp_path / "half.safetensors", config)
     assert next(loaded.unet.parameters()).dtype == torch.float32
     for a, b in zip(outputs(model), outputs(loaded)):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)

@@ -13,8 +13,8 @@ from ldm.latent_cache import fingerprint
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
 from conditioning import TextEncoderConfig
 from data import DataConfig, build_dataset
-from training.checkpoint import load_weights
-from training.config import ConfigError
+from common.weights import load_weights
+from common.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from training import EMA, NonFiniteLossError, TrainConfig, TrainingTask, load_weights, train
-from training.checkpoint import CheckpointDir, CheckpointError, load_torch, save_torch
+from common.weights import load_weights
+from training import EMA, NonFiniteLossError, TrainConfig, TrainingTask, train
+from common.weights import CheckpointError, load_torch, save_torch
+from training.checkpoint import CheckpointDir
 from training.loop import EpochKeySampler
 
 
@@ -154,7 +156,7 @@ def test_max_minutes_stops_and_saves(tmp_path):
 
 
 def test_fp16_copy_keeps_metadata_and_integer_tensors(tmp_path):
-    from training.checkpoint import cast_weights_file, read_metadata, save_weights
+    from common.weights import cast_weights_file, read_metadata, save_weights
 
     weights = {"w": torch.randn(3, 4), "step": torch.arange(3)}
     save_weights(weights, tmp_path / "a.safetensors", {"format": "ldm-stage2", "config": {"x": [1, 2]}})
@@ -173,7 +175,7 @@ def test_fp16_copy_keeps_metadata_and_integer_tensors(tmp_path):
 
 def test_written_files_and_checkpoint_folders_follow_the_umask(tmp_path, monkeypatch):
     # Not mkstemp's 0600: others on a shared machine may read what the umask lets them.
-    from training import checkpoint
+    from common import weights as checkpoint
 
     monkeypatch.setattr(checkpoint, "_UMASK", 0o022)
     checkpoint.save_weights({"w": torch.zeros(1)}, tmp_path / "a.safetensors")

@@ -1,8 +1,5 @@
-"""Shared infrastructure: typed configs, the training loop, checkpoints, EMA."""
-from training.checkpoint import CheckpointError, load_weights, save_weights
-from training.config import ConfigError, load_config
-from training.ema import EMA
+"""The shared training loop and what belongs to a run: EMA, checkpoint folders, the trainers' CLI."""
+from training.ema import EMA, ema_weights, eval_mode
 from training.loop import NonFiniteLossError, TrainConfig, TrainingTask, train
 
-__all__ = ["CheckpointError", "ConfigError", "EMA", "NonFiniteLossError", "TrainConfig", "TrainingTask",
-           "load_config", "load_weights", "save_weights", "train"]
+__all__ = ["EMA", "NonFiniteLossError", "TrainConfig", "TrainingTask", "ema_weights", "eval_mode", "train"]

@@ -1,30 +1,17 @@
-"""What every command-line entry point shares: argument basics and one-line errors."""
+"""What the three trainers' command lines share: their arguments and the start of a run."""
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import yaml
 
-from training.checkpoint import CheckpointError
-from training.config import ConfigError, load_config, to_dict
-from training.loop import NonFiniteLossError, seed_everything
+from common.cli import ArgumentParser
+from common.config import ConfigError, load_config, to_dict
+from training.loop import seed_everything
 
 T = TypeVar("T")
-
-# Errors that mean "your input is wrong" (exit 2) or "the run went wrong" (exit 1): one line each.
-BAD_INPUT = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
-RUN_FAILED = (NonFiniteLossError,)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (`error: <prog>: <message>`, exit code 2) instead of the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {self.prog}: {message} (--help lists the options)\n")
 
 
 def train_parser(description: str) -> ArgumentParser:
@@ -50,16 +37,3 @@ def start_run(args: argparse.Namespace, schema: type[T]) -> T:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return cfg
-
-
-def run(main: Callable[[], object]) -> None:
-    """Call `main`; turn expected failures into one line on stderr and a non-zero exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main()
-    except BAD_INPUT as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RUN_FAILED as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)

@@ -22,11 +22,16 @@ from typing import Iterator, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torchvision
+from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
-from training.checkpoint import CheckpointDir, load_torch, load_weights, save_torch, save_weights
+from common.cli import RunFailed
+from common.weights import load_state_dict_strict, load_torch, load_weights, read_metadata, save_torch, save_weights
+from training.checkpoint import CheckpointDir
 from training.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -50,7 +55,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailed):
     """A loss became NaN or infinite; the run stops without touching saved checkpoints."""
 
 
@@ -100,8 +105,6 @@ class Position:
 
 def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool = False) -> Path:
     """Train until `cfg.max_steps`; return the folder of the last checkpoint."""
-    from accelerate import Accelerator
-
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=cfg.mixed_precision,
@@ -110,80 +113,134 @@ def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool =
     seed_everything(cfg.seed + accelerator.process_index)
     task.setup(accelerator)
     ema = EMA(task.ema_target, cfg.ema_decay) if cfg.ema_decay and task.ema_target else None
-
-    out = Path(cfg.output_dir)
-    checkpoints = CheckpointDir(out / "checkpoints", keep=cfg.keep_checkpoints)
-    pos = Position()
-    if resume:
-        latest = checkpoints.latest()
-        if latest is None:
-            log.warning("--resume: no checkpoint in %s; starting from scratch", checkpoints.root)
-        else:
-            pos = _load(latest, task, ema, accelerator)
-            log.info("resumed from %s (step %d)", latest, pos.step)
-
-    writer = _tensorboard(out) if accelerator.is_main_process else None
-    bar = tqdm(total=cfg.max_steps, initial=pos.step, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    interrupted = _InterruptFlag()
-    last_saved = pos.step if resume else -1
-    running: dict[str, float] = {}
-    tic, samples, micro = time.perf_counter(), 0, 0
-    started, out_of_time = tic, False
-    try:
-        while pos.step < cfg.max_steps and not interrupted and not out_of_time:
-            for batch in _epoch_batches(dataset, cfg, pos, accelerator):
-                pos.batch_in_epoch += 1
-                with accelerator.accumulate():
-                    for name, loss, logs in _autocast_steps(task.training_step(batch, pos.step), accelerator):
-                        if not torch.isfinite(loss.detach()).all():
-                            raise NonFiniteLossError(
-                                f"loss '{name}' is {loss.item()} at step {pos.step}; stopping without saving "
-                                f"(last good checkpoint: {checkpoints.latest() or 'none'})"
-                            )
-                        accelerator.backward(loss)
-                        _optimizer_step(task, name, accelerator, cfg.grad_clip)
-                        for k, v in logs.items():
-                            running[k] = running.get(k, 0.0) + float(v)
-                samples += _batch_size(batch) * accelerator.num_processes
-                micro += 1
-                if not accelerator.sync_gradients:
-                    continue
-                pos.step += 1
-                if ema is not None:
-                    ema.update(task.ema_target)
-                bar.update(1)
-                if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
-                    rate = samples / (time.perf_counter() - tic)
-                    means = {k: v / micro for k, v in running.items()}
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in list(means.items())[:4]} | {"img/s": f"{rate:.1f}"})
-                    if writer:
-                        for k, v in means.items():
-                            writer.add_scalar(k, v, pos.step)
-                        writer.add_scalar("samples_per_second", rate, pos.step)
-                    running, tic, samples, micro = {}, time.perf_counter(), 0, 0
-                if cfg.image_every and pos.step % cfg.image_every == 0 and accelerator.is_main_process:
-                    _write_images(task, batch, ema, out, pos.step, writer)
-                if pos.step % cfg.checkpoint_every == 0 or pos.step == cfg.max_steps:
-                    _save(checkpoints, pos, task, ema, accelerator)
-                    last_saved = pos.step
-                out_of_time = cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
-                if pos.step >= cfg.max_steps or interrupted or out_of_time:
-                    if out_of_time and pos.step != last_saved:
-                        _save(checkpoints, pos, task, ema, accelerator)
-                        last_saved = pos.step
-                    break
-            else:
-                pos.epoch += 1
-                pos.batch_in_epoch = 0
-    finally:
-        bar.close()
-        if writer:
-            writer.close()
-        interrupted.restore()
-    if interrupted and pos.step != last_saved:
-        _save(checkpoints, pos, task, ema, accelerator)
-        log.warning("interrupted: saved step %d; continue with --resume", pos.step)
+    checkpoints = CheckpointDir(Path(cfg.output_dir) / "checkpoints", keep=cfg.keep_checkpoints)
+    pos = _resume(checkpoints, task, ema, accelerator) if resume else Position()
+    _Run(task, ema, cfg, accelerator, checkpoints, pos, last_saved=pos.step if resume else -1).run(dataset)
     return checkpoints.latest()
+
+
+def _resume(checkpoints: CheckpointDir, task: TrainingTask, ema: EMA | None, accelerator) -> Position:
+    latest = checkpoints.latest()
+    if latest is None:
+        log.warning("--resume: no checkpoint in %s; starting from scratch", checkpoints.root)
+        return Position()
+    pos = _load(latest, task, ema, accelerator)
+    log.info("resumed from %s (step %d)", latest, pos.step)
+    return pos
+
+
+class _Meter:
+    """Loss sums and throughput since the last log line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.tic, self.samples, self.micro = time.perf_counter(), 0, 0
+
+    def add(self, logs: dict[str, float]) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def count(self, samples: int) -> None:
+        self.samples += samples
+        self.micro += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.micro for k, v in self.sums.items()}
+
+    def rate(self) -> float:
+        return self.samples / (time.perf_counter() - self.tic)
+
+
+class _Run:
+    """One call of `train` from its (resumed) position on: the epochs, steps, logs and saves."""
+
+    def __init__(self, task: TrainingTask, ema: EMA | None, cfg: TrainConfig, accelerator,
+                 checkpoints: CheckpointDir, pos: Position, last_saved: int):
+        self.task, self.ema, self.cfg, self.accelerator = task, ema, cfg, accelerator
+        self.checkpoints, self.pos, self.last_saved = checkpoints, pos, last_saved
+        self.out = Path(cfg.output_dir)
+        main = accelerator.is_main_process
+        self.writer = _tensorboard(self.out) if main else None
+        self.bar = tqdm(total=cfg.max_steps, initial=pos.step, disable=not main, dynamic_ncols=True)
+        self.interrupted = _InterruptFlag()
+        self.meter = _Meter()
+        self.started, self.out_of_time = self.meter.tic, False
+
+    def run(self, dataset: Dataset) -> None:
+        """Epochs until max_steps, the time limit or a Ctrl-C; an interrupted run saves where it stopped."""
+        try:
+            while self.pos.step < self.cfg.max_steps and not self.interrupted and not self.out_of_time:
+                self.epoch(dataset)
+        finally:
+            self.bar.close()
+            if self.writer:
+                self.writer.close()
+            self.interrupted.restore()
+        if self.interrupted and self.pos.step != self.last_saved:
+            self.save()
+            log.warning("interrupted: saved step %d; continue with --resume", self.pos.step)
+
+    def epoch(self, dataset: Dataset) -> None:
+        """The rest of the current epoch, or up to a stop; a finished epoch moves the position to the next."""
+        for batch in _epoch_batches(dataset, self.cfg, self.pos, self.accelerator):
+            self.pos.batch_in_epoch += 1
+            self.micro_step(batch)
+            if self.accelerator.sync_gradients and self.finish_step(batch):
+                return
+        self.pos.epoch += 1
+        self.pos.batch_in_epoch = 0
+
+    def micro_step(self, batch: dict) -> None:
+        """Forward and backward of each of the task's losses on one batch; optimizers step once accumulation is done."""
+        accelerator = self.accelerator
+        with accelerator.accumulate():
+            for name, loss, logs in _autocast_steps(self.task.training_step(batch, self.pos.step), accelerator):
+                if not torch.isfinite(loss.detach()).all():
+                    raise NonFiniteLossError(
+                        f"loss '{name}' is {loss.item()} at step {self.pos.step}; stopping without saving "
+                        f"(last good checkpoint: {self.checkpoints.latest() or 'none'})"
+                    )
+                accelerator.backward(loss)
+                _optimizer_step(self.task, name, accelerator, self.cfg.grad_clip)
+                self.meter.add(logs)
+        self.meter.count(_batch_size(batch) * accelerator.num_processes)
+
+    def finish_step(self, batch: dict) -> bool:
+        """EMA, logs, images and checkpoints after an optimizer step; True when the run is to stop."""
+        pos, cfg = self.pos, self.cfg
+        pos.step += 1
+        if self.ema is not None:
+            self.ema.update(self.task.ema_target)
+        self.bar.update(1)
+        if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
+            self.log_scalars()
+        if cfg.image_every and pos.step % cfg.image_every == 0 and self.accelerator.is_main_process:
+            _write_images(self.task, batch, self.ema, self.out, pos.step, self.writer)
+        if pos.step % cfg.checkpoint_every == 0 or pos.step == cfg.max_steps:
+            self.save()
+        self.out_of_time = cfg.max_minutes is not None and time.perf_counter() - self.started > 60 * cfg.max_minutes
+        stop = pos.step >= cfg.max_steps or bool(self.interrupted) or self.out_of_time
+        if stop and self.out_of_time and pos.step != self.last_saved:
+            self.save()
+        return stop
+
+    def log_scalars(self) -> None:
+        """Mean losses and samples per second since the last call, to the bar and TensorBoard."""
+        rate, means = self.meter.rate(), self.meter.means()
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in list(means.items())[:4]} | {"img/s": f"{rate:.1f}"})
+        if self.writer:
+            for k, v in means.items():
+                self.writer.add_scalar(k, v, self.pos.step)
+            self.writer.add_scalar("samples_per_second", rate, self.pos.step)
+        self.meter.reset()
+
+    def save(self) -> None:
+        """A checkpoint of the current step."""
+        _save(self.checkpoints, self.pos, self.task, self.ema, self.accelerator)
+        self.last_saved = self.pos.step
 
 
 def seed_everything(seed: int) -> None:
@@ -220,8 +277,6 @@ def _optimizer_step(task: TrainingTask, name: str, accelerator, grad_clip: float
 
 def _average_gradients(params: list[nn.Parameter], world: int) -> None:
     """All-reduce gradients in one flat buffer per dtype (one collective instead of one per tensor)."""
-    import torch.distributed as dist
-
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
         by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
@@ -326,12 +381,11 @@ def _save(checkpoints: CheckpointDir, pos: Position, task: TrainingTask, ema: EM
 
 def _load(folder: Path, task: TrainingTask, ema: EMA | None, accelerator) -> Position:
     for name, module in task.modules.items():
-        module.load_state_dict(load_weights(folder / f"{name}.safetensors"))
+        path = folder / f"{name}.safetensors"
+        load_state_dict_strict(module, load_weights(path), path, what=f"the task's module '{name}'")
     if ema is not None:
-        from training.checkpoint import read_metadata
-
-        meta = read_metadata(folder / "ema.safetensors")
-        ema.load_state_dict(load_weights(folder / "ema.safetensors"), int(meta.get("num_updates", 0)))
+        path = folder / "ema.safetensors"
+        ema.load_state_dict(load_weights(path), int(read_metadata(path).get("num_updates", 0)), source=path)
     states = load_torch(folder / "optimizers.pt")
     for k, o in task.optimizers.items():
         o.load_state_dict(states["optimizers"][k])
@@ -378,8 +432,6 @@ def _tensorboard(out: Path):
 
 @torch.no_grad()
 def _write_images(task: TrainingTask, batch: dict, ema: EMA | None, out: Path, step: int, writer) -> None:
-    import torchvision
-
     for name, images in task.images(batch, ema).items():
         grid = torchvision.utils.make_grid(images.float().clamp(-1, 1).cpu(), nrow=int(math.sqrt(len(images))) or 1,
                                            normalize=True, value_range=(-1, 1))

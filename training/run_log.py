@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 
 def sessions(run_dir: Path) -> list[tuple[float, float, Path]]:
     """(start, last write, event file) of each session, oldest first."""
@@ -66,8 +68,6 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
 
     Steps an earlier session logged after its last checkpoint and the later session never reached
     again are kept: the log cannot tell them from steps that count."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     found = sessions(run_dir)
     if not found:
         raise FileNotFoundError(f"{run_dir}: no TensorBoard event files in {Path(run_dir) / 'tensorboard'}")
