@@ -6,9 +6,8 @@ load unchanged: `down.{i}.block.{j}`, `down.{i}.downsample.conv`, `mid.{block_1,
 level (`up.0` is the full-resolution level, run last), not in execution order.
 
 Every layer works on NCHW and channels_last tensors alike: `model.to(memory_format=torch.channels_last)`
-is honoured end to end (inputs are converted once, attention reads channels_last memory without a copy).
-Without autograd on CPU, convolutions and projections run oneDNN kernels with the residual add fused
-and SiLU applies in place (`ldm.kernels`, `ldm.blocks.silu`); training uses plain differentiable ops.
+is honoured end to end. Convolutions are the oneDNN-backed `layers.Conv2d`, and without autograd
+SiLU and the residual adds run in place on fresh temporaries.
 """
 from __future__ import annotations
 
@@ -17,18 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoencoder.config import DDConfig
-from ldm.blocks import silu
-from ldm.kernels import conv2d, linear, memory_format_of, upsample_conv2d
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype: statistics over 32 channel groups
-    of large feature maps lose too much precision in fp16/bf16."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+from layers import Conv2d, GroupNorm32, Upsample, add, attention, memory_format_of, silu
 
 
 def normalize(channels: int, groups: int = 32) -> GroupNorm32:
@@ -45,47 +33,46 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
         self.norm1 = normalize(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = normalize(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = conv2d(silu(self.norm1(x)), self.conv1.weight, self.conv1.bias, padding=1)
-        h = self.dropout(silu(self.norm2(h)))
-        shortcut = self.nin_shortcut
-        skip = x if isinstance(shortcut, nn.Identity) else conv2d(x, shortcut.weight, shortcut.bias)
-        return conv2d(h, self.conv2.weight, self.conv2.bias, padding=1, residual=skip)
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(self.dropout(silu(self.norm2(h))))
+        return add(h, self.nin_shortcut(x))
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H*W, 1, C]: one attention head over all positions (a free view of
+    channels_last memory, one copy for NCHW)."""
+    b, c, height, width = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, height * width, 1, c)
 
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions, with a residual connection.
 
-    q, k, v and proj_out are 1x1 convolutions (the original parameter layout); they are applied as
-    linear maps on the token view so that attention itself runs in `scaled_dot_product_attention`.
+    q, k, v and proj_out are 1x1 convolutions (the original parameter layout).
     x: [B, C, H, W] -> [B, C, H, W].
     """
 
     def __init__(self, channels: int, groups: int = 32):
         super().__init__()
         self.norm = normalize(channels, groups)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    @staticmethod
-    def _linear(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
-        return linear(tokens, conv.weight.flatten(1), conv.bias)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
-        # [B, H*W, C] tokens: a free view of channels_last memory, one copy for NCHW.
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, 1, height * width, c)
-        q, k, v = (self._linear(conv, tokens) for conv in (self.q, self.k, self.v))
-        out = self._linear(self.proj_out, F.scaled_dot_product_attention(q, k, v))
-        return x + out.reshape(b, height, width, c).permute(0, 3, 1, 2)
+        h = self.norm(x)
+        out = attention(_tokens(self.q(h)), _tokens(self.k(h)), _tokens(self.v(h)))
+        out = out.reshape(b, height, width, c).permute(0, 3, 1, 2)  # a channels_last view
+        return add(self.proj_out(out.contiguous(memory_format=memory_format_of(x))), x)
 
 
 class Downsample(nn.Module):
@@ -94,21 +81,10 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 followed by a 3x3 conv. [B, C, H, W] -> [B, C, 2H, 2W]."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample_conv2d(x, self.conv.weight, self.conv.bias)
 
 
 def match_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -122,12 +98,8 @@ def match_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _inference_layout(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for CPU inference, else x's own layout.
-
-    oneDNN runs the decoder's wide-image, narrow-channel convolutions faster in channels_last
-    (1 thread: the emoji kl-f4 decode of 8x4x16x16 in 123 ms instead of 147 ms, SD's kl-f8 decode
-    of 1x4x32x32 about 5% faster). Training keeps its input's layout.
-    """
+    """channels_last for CPU inference (oneDNN runs the decoder's wide-image, narrow-channel
+    convolutions faster in it: bench/RESULTS.md), else x's own layout."""
     if memory_format_of(x) == torch.channels_last or (x.device.type == "cpu" and not torch.is_grad_enabled()):
         return torch.channels_last
     return torch.contiguous_format
@@ -202,7 +174,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: DDConfig):
         super().__init__()
         check_ddconfig(cfg)
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         channels, resolution = cfg.ch, cfg.resolution
         for i, mult in enumerate(cfg.ch_mult):
@@ -214,7 +186,7 @@ class Encoder(nn.Module):
             resolution = resolution if last else resolution // 2
         self.mid = MidBlock(cfg, channels)
         self.norm_out = normalize(channels, cfg.norm_num_groups)
-        self.conv_out = nn.Conv2d(channels, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -232,7 +204,7 @@ class Decoder(nn.Module):
         check_ddconfig(cfg)
         channels = cfg.ch * cfg.ch_mult[-1]
         resolution = cfg.resolution // 2 ** (len(cfg.ch_mult) - 1)
-        self.conv_in = nn.Conv2d(cfg.z_channels, channels, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, channels, 3, padding=1)
         self.mid = MidBlock(cfg, channels)
         levels = []
         for i in reversed(range(len(cfg.ch_mult))):
@@ -243,7 +215,7 @@ class Decoder(nn.Module):
             resolution = resolution * 2 if i != 0 else resolution
         self.up = nn.ModuleList(levels)
         self.norm_out = normalize(channels, cfg.norm_num_groups)
-        self.conv_out = nn.Conv2d(channels, cfg.out_ch, 3, padding=1)
+        self.conv_out = Conv2d(channels, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z.contiguous(memory_format=_inference_layout(z))))

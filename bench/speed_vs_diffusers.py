@@ -56,7 +56,7 @@ from ldm.denoiser import Denoiser  # noqa: E402
 from ldm.diffusion import Diffusion  # noqa: E402
 from ldm.generation import sample_latents  # noqa: E402
 from ldm.guidance import ClassifierFreeGuidance  # noqa: E402
-from ldm.kernels import compile_for_inference  # noqa: E402
+from layers import compile_for_inference  # noqa: E402
 from ldm.samplers import randn  # noqa: E402
 from ldm.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
 from ldm.unet import UNetModel  # noqa: E402
@@ -91,7 +91,7 @@ class Case:
     ours: Callable[[], torch.Tensor]
     theirs: Callable[[str], Callable[[], torch.Tensor]]
     layouts: tuple[str, ...] = ("NCHW", "channels_last")
-    compiled: Callable[[], torch.Tensor] | None = None  # ours through ldm.kernels.compile_for_inference
+    compiled: Callable[[], torch.Tensor] | None = None  # ours through layers.compile_for_inference
     compare: Callable[[], float] | None = None
     release: Callable[[str], None] = lambda side: None
     sequential: bool = False  # run all of one side, release it, then the other (memory)
@@ -413,7 +413,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--cpu-time", action="store_true", help="time with the main thread's CPU clock")
     parser.add_argument("--compile", action="store_true",
-                        help="also time ours through ldm.kernels.compile_for_inference (U-Net, sampling)")
+                        help="also time ours through layers.compile_for_inference (U-Net, sampling)")
     parser.add_argument("--memory", action="store_true", help="also measure working memory in subprocesses")
     parser.add_argument("--probe-memory", nargs=2, metavar=("CASE", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from common.weights import CheckpointError, load_state_dict_strict, load_weights, read_metadata, save_weights
-from ldm.blocks import zero_module
+from layers import Conv2d, SiLU, zero_module
 from ldm.unet import UNetEncoder, UNetModel
 
 # Widths of the original hint encoder: conv_in to 16, then (same-width conv, widening conv) pairs.
@@ -60,18 +60,18 @@ def hint_encoder(hint_channels: int, model_channels: int, latent_factor: int = 8
         raise ValueError(f"ControlNet: latent_factor must be a power of two (the autoencoder's downsampling), "
                          f"got {latent_factor}")
     widths = list(HINT_WIDTHS) + [HINT_WIDTHS[-1]] * max(0, downsamplings - (len(HINT_WIDTHS) - 1))
-    layers: list[nn.Module] = [nn.Conv2d(hint_channels, widths[0], 3, padding=1), nn.SiLU()]
+    layers: list[nn.Module] = [Conv2d(hint_channels, widths[0], 3, padding=1), SiLU()]
     for stage, (width, wider) in enumerate(zip(widths[:-1], widths[1:])):
         stride = 2 if stage < downsamplings else 1
-        layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
-                   nn.Conv2d(width, wider, 3, padding=1, stride=stride), nn.SiLU()]
-    layers.append(zero_module(nn.Conv2d(widths[-1], model_channels, 3, padding=1)))
+        layers += [Conv2d(width, width, 3, padding=1), SiLU(),
+                   Conv2d(width, wider, 3, padding=1, stride=stride), SiLU()]
+    layers.append(zero_module(Conv2d(widths[-1], model_channels, 3, padding=1)))
     return nn.Sequential(*layers)
 
 
 def zero_conv(channels: int) -> nn.Sequential:
     """A zero-initialised 1x1 conv, wrapped so that its parameters are named `.0.weight` / `.0.bias`."""
-    return nn.Sequential(zero_module(nn.Conv2d(channels, channels, 1)))
+    return nn.Sequential(zero_module(Conv2d(channels, channels, 1)))
 
 
 class ControlNet(UNetEncoder):

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from layers import Conv2d, Linear, SiLU, Upsample, zero_module
 from ldm.attention import AttentionBlock, SpatialTransformer
-from ldm.blocks import Downsample, ResBlock, Upsample, normalization, timestep_embedding, zero_module
+from ldm.blocks import Downsample, ResBlock, normalization, timestep_embedding
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -49,7 +50,6 @@ class BlockFactory:
 
     time_embed_dim: int
     dropout: float
-    dims: int
     use_checkpoint: bool
     use_scale_shift_norm: bool
     num_heads: int
@@ -67,7 +67,7 @@ class BlockFactory:
     disable_middle_self_attn: bool
 
     def res_block(self, ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
-        return ResBlock(ch_in, self.time_embed_dim, self.dropout, ch_out, dims=self.dims,
+        return ResBlock(ch_in, self.time_embed_dim, self.dropout, ch_out,
                         use_checkpoint=self.use_checkpoint, use_scale_shift_norm=self.use_scale_shift_norm, **updown)
 
     def wants_attention(self, ds: int, level: int, index: int) -> bool:
@@ -182,7 +182,7 @@ class UNetEncoder(nn.Module):
 
         time_embed_dim = model_channels * 4
         self.block_factory = BlockFactory(
-            time_embed_dim=time_embed_dim, dropout=dropout, dims=dims, use_checkpoint=use_checkpoint,
+            time_embed_dim=time_embed_dim, dropout=dropout, use_checkpoint=use_checkpoint,
             use_scale_shift_norm=use_scale_shift_norm, num_heads=num_heads, num_head_channels=num_head_channels,
             num_heads_upsample=num_heads if num_heads_upsample == -1 else num_heads_upsample, legacy=legacy,
             use_spatial_transformer=use_spatial_transformer, use_new_attention_order=use_new_attention_order,
@@ -194,21 +194,21 @@ class UNetEncoder(nn.Module):
         blocks = self.block_factory
 
         self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
+            Linear(model_channels, time_embed_dim), SiLU(), Linear(time_embed_dim, time_embed_dim))
         if isinstance(num_classes, int):
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
         elif num_classes == "continuous":
-            self.label_emb = nn.Linear(1, time_embed_dim)
+            self.label_emb = Linear(1, time_embed_dim)
         elif num_classes == "sequential":
             if adm_in_channels is None:
                 raise ValueError(f"{name}: num_classes='sequential' needs adm_in_channels")
             self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)))
+                Linear(adm_in_channels, time_embed_dim), SiLU(), Linear(time_embed_dim, time_embed_dim)))
         elif num_classes is not None:
             raise ValueError(f"{name}: num_classes must be an int, 'continuous', 'sequential' or None, "
                              f"got {num_classes!r}")
 
-        conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        conv_in = Conv2d(in_channels, model_channels, 3, padding=1)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
         self.input_block_channels = [model_channels]
         ch, ds = model_channels, 1
@@ -222,7 +222,7 @@ class UNetEncoder(nn.Module):
                 self.input_block_channels.append(ch)
             if level != levels - 1:
                 down = (blocks.res_block(ch, ch, down=True) if resblock_updown
-                        else Downsample(ch, conv_resample, dims, ch))
+                        else Downsample(ch, conv_resample, ch))
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 self.input_block_channels.append(ch)
                 ds *= 2
@@ -283,13 +283,13 @@ class UNetModel(UNetEncoder):
                 if level and index == self.num_res_blocks[level]:
                     args = self.encoder_args
                     up = (blocks.res_block(ch, ch, up=True) if args["resblock_updown"]
-                          else Upsample(ch, args["conv_resample"], args["dims"], ch))
+                          else Upsample(ch, args["conv_resample"], ch))
                     layers.append(up)
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
+            normalization(ch), SiLU(), zero_module(Conv2d(model_channels, out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None,
@@ -301,9 +301,8 @@ class UNetModel(UNetEncoder):
         y: [B] class labels (or [B, adm_in_channels] / [B, 1]) when `num_classes` is set;
         control: ControlNet residuals shaped like the input blocks' outputs, then one for the
         middle block (the list is not modified); only_mid_control adds only the middle one.
-        Returns [B, out_channels, H, W] in x's dtype. Every layer keeps x's memory format; on CPU
-        keep it NCHW (oneDNN's channels_last convs measured no faster here, and 1.5x slower at
-        the 8x8 level where conv weights outweigh the activations).
+        Returns [B, out_channels, H, W] in x's dtype. Every layer keeps x's memory format (on CPU,
+        NCHW measured faster: bench/RESULTS.md).
         """
         dtype = self.time_embed[0].weight.dtype
         emb = self.embed(timesteps, x.shape[0], x.device, y)

@@ -1,6 +1,6 @@
-"""Inference fast paths against the plain ops they replace: the autoencoder's fused oneDNN kernels
-and channels_last decoding, the folded upsampling conv, short-context attention, and tracing under
-torch.compile (ldm/kernels.py, ldm/attention.py, autoencoder/modules.py)."""
+"""Inference fast paths against the plain ops they replace: the autoencoder's oneDNN layers and
+channels_last decoding, the folded upsampling conv, short-context attention, and tracing under
+torch.compile (layers/, autoencoder/modules.py)."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from autoencoder.config import DDConfig
 from autoencoder.kl import AutoencoderKL
-from ldm.attention import _short_context_on_cpu, attention
-from ldm.kernels import upsample_conv2d
+from layers import Conv2d, attention
+from layers.attention import short_context_on_cpu as _short_context_on_cpu
 from ldm.unet import UNetModel
 
 TINY_VAE = DDConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=16, norm_num_groups=8)
@@ -80,6 +80,16 @@ def upsample_then_conv(x, weight, bias):
     return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
 
 
+def upsample_conv2d(x, weight, bias=None):
+    """The folded path of a `layers.Conv2d` holding `weight` and `bias`."""
+    conv = Conv2d(weight.shape[1], weight.shape[0], 3, padding=1, bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv.upsampled(x)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_folded_upsample_conv_matches_upsampling_then_conv(layout, with_bias):
@@ -106,18 +116,18 @@ def test_folded_upsample_conv_in_bfloat16_stays_close_to_float32():
 
 def test_folded_upsample_conv_follows_weight_updates_and_keeps_gradients():
     generator = torch.Generator().manual_seed(1)
-    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    conv = Conv2d(4, 4, 3, padding=1)
     x = torch.randn(1, 4, 6, 6, generator=generator)
     with torch.no_grad():
-        first = upsample_conv2d(x, conv.weight, conv.bias)
+        first = conv.upsampled(x)
         conv.weight.mul_(-2.0)  # an in-place update, as an optimizer or EMA makes
-        second = upsample_conv2d(x, conv.weight, conv.bias)
+        second = conv.upsampled(x)
         torch.testing.assert_close(second, upsample_then_conv(x, conv.weight, conv.bias), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(first, second)
     with torch.inference_mode():  # weights made in inference mode have no version counter
-        fresh = torch.randn(4, 4, 3, 3, generator=generator)
-        torch.testing.assert_close(upsample_conv2d(x, fresh), upsample_then_conv(x, fresh, None), atol=1e-5, rtol=1e-5)
-    out = upsample_conv2d(x.requires_grad_(), conv.weight, conv.bias)  # training: the plain ops
+        fresh = Conv2d(4, 4, 3, padding=1, bias=False)
+        torch.testing.assert_close(fresh.upsampled(x), upsample_then_conv(x, fresh.weight, None), atol=1e-5, rtol=1e-5)
+    out = conv.upsampled(x.requires_grad_())  # training: the plain ops
     out.square().sum().backward()
     assert conv.weight.grad is not None and x.grad.shape == x.shape
 

@@ -1,0 +1,94 @@
+"""Multi-head attention kernels, chosen globally with `set_attention_backend`:
+  - "sdpa": `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels).
+  - "xformers": `xformers.ops.memory_efficient_attention` (CUDA only).
+  - "reference": softmax(Q K^T / sqrt(d)) V written out, for tests (and short contexts, below).
+  - "auto" (default): xformers for CUDA tensors when it is installed, sdpa otherwise; in CPU
+    float32 inference, attention over a short context (text tokens) is written out instead.
+Token tensors are [B, L, H, D] (batch, length, heads, head width), any strides.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "xformers", "reference")
+_backend = "auto"
+
+# The written-out path serves contexts of at most this many keys and head widths up to this,
+# while the score matrix (batch * heads * queries * keys float32 values) stays within about L2 (1 MiB).
+SHORT_CONTEXT_MAX_KEYS = 96
+SHORT_CONTEXT_MAX_HEAD_DIM = 64
+SHORT_CONTEXT_MAX_SCORES = 2**18
+
+try:  # optional dependency (pip extra "xformers"); it only has CUDA kernels
+    import xformers.ops as _xops
+except ImportError:
+    _xops = None
+
+
+def set_attention_backend(name: str) -> None:
+    """Select the attention kernel used by every attention layer: one of BACKENDS."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend '{name}' (choose from {', '.join(BACKENDS)})")
+    if name == "xformers" and _xops is None:
+        raise ValueError("attention backend 'xformers' requested but xformers is not installed")
+    _backend = name
+
+
+def get_attention_backend() -> str:
+    """The currently selected attention backend name."""
+    return _backend
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Context manager that selects backend `name` and restores the previous one on exit."""
+    previous = _backend
+    set_attention_backend(name)
+    try:
+        yield
+    finally:
+        set_attention_backend(previous)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) V written out, with matmuls over head-major views and the softmax in
+    float32. q: [B, Lq, H, D], k, v: [B, Lk, H, D] -> [B, Lq, H, D]."""
+    scores = torch.matmul(q.transpose(1, 2).float(), k.permute(0, 2, 3, 1).float()).mul_(q.shape[-1] ** -0.5)
+    return torch.matmul(scores.softmax(dim=-1), v.transpose(1, 2).float()).transpose(1, 2).to(q.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention with the selected backend.
+
+    q: [B, Lq, H, D], k and v: [B, Lk, H, D] (any strides). Returns [B, Lq, H, D].
+    """
+    backend = _backend
+    if backend == "auto":
+        if short_context_on_cpu(q, k):
+            return reference_attention(q, k, v)
+        backend = "xformers" if _xops is not None and q.is_cuda else "sdpa"
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    if backend == "xformers":
+        if not q.is_cuda:
+            raise ValueError("attention backend 'xformers' needs CUDA tensors; use 'sdpa' on CPU")
+        return _xops.memory_efficient_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    return reference_attention(q, k, v)
+
+
+def short_context_on_cpu(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether "auto" writes attention out: CPU float32 inference over a short context."""
+    # With few keys the flash kernel's per-block work dominates the two matmuls and a softmax;
+    # larger score matrices cost more in fresh allocations than they save. torch.compile traces
+    # SDPA instead, which inductor lowers to its own kernel.
+    b, queries, heads, _ = q.shape
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and k.shape[1] <= SHORT_CONTEXT_MAX_KEYS
+            and q.shape[-1] <= SHORT_CONTEXT_MAX_HEAD_DIM
+            and b * heads * queries * k.shape[1] <= SHORT_CONTEXT_MAX_SCORES)
