@@ -27,7 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 from conditioning.edges import canny_hint
 from ldm.controlnet import Control, load_controlnet
 from ldm.denoiser import SIGMA_SPACINGS, NoiseLevels
-from ldm.generation import SAMPLERS, generate_latents
+from ldm.generation import SAMPLERS, generate_latents, read_prompt_lines
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import load_model
 from ldm.sampling_options import SamplingOptions
@@ -93,13 +93,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         raise ValueError("give either a prompt or --prompts-file (exactly one of them)")
     if args.prompt is not None:
         return [args.prompt]
-    path = Path(args.prompts_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {path} holds no prompts")
-    return prompts
+    return read_prompt_lines(args.prompts_file)
 
 
 def load_image(path: str, mode: str) -> torch.Tensor:

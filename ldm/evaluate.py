@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from data import build_dataset
-from ldm.generation import SAMPLERS, generate_latents
+from ldm.generation import SAMPLERS, generate_latents, read_prompt_lines
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.sampling_options import SamplingOptions
 from metrics.clip_score import DEFAULT_ARCH, DEFAULT_WEIGHTS, try_load_clip_scorer
@@ -90,7 +90,7 @@ class Evaluator:
         self.n = min(subset_size(self.test_set, n),
                      subset_size(self.train_set, n) if self.train_set is not None else n)
         if isinstance(prompts, (str, Path)):
-            self.prompts_source, self.override = str(prompts), _read_prompts(Path(prompts))
+            self.prompts_source, self.override = str(prompts), read_prompt_lines(prompts, "--prompts file")
         elif prompts is not None:
             self.override = [str(p) for p in prompts]
             if not self.override:
@@ -238,15 +238,6 @@ def _image_size(model: LatentDiffusion, requested: int | None) -> int:
     if model.cfg.unet.image_size:
         return model.cfg.unet.image_size * model.latent_factor
     return 64
-
-
-def _read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts file {path} holds no prompts")
-    return prompts
 
 
 def _save_pngs(images: torch.Tensor, directory: Path, first_index: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,8 @@ from .guidance import ClassifierFreeGuidance
 from .samplers import SAMPLERS, randn, randn_like, repaint_path
 from .sampling_options import SamplingOptions
 
-__all__ = ["SAMPLERS", "Control", "SamplingOptions", "generate_latents", "latent_mask", "sample_latents"]
+__all__ = ["SAMPLERS", "Control", "SamplingOptions", "generate_latents", "latent_mask", "read_prompt_lines",
+           "sample_latents"]
 
 
 def sample_latents(
@@ -98,6 +100,17 @@ def _check_latent_inputs(options: SamplingOptions, shape: Sequence[int], generat
     for name, value, expected in (("init latents", init_latents, tuple(shape)), ("mask", mask, (batch, 1, *shape[2:]))):
         if value is not None and tuple(value.shape) != expected:
             raise ValueError(f"{name} have shape {tuple(value.shape)}, expected {expected}")
+
+
+def read_prompt_lines(path: str | Path, label: str = "prompts file") -> list[str]:
+    """The prompts in a text file, one per non-empty line (stripped); `label` names the file in errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{label} not found: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{label} {path} holds no prompts")
+    return prompts
 
 
 def latent_mask(mask: Tensor, latent_size: tuple[int, int]) -> Tensor:

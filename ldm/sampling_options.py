@@ -81,8 +81,9 @@ class SamplingOptions:
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), positive=True)
-        negatives = [self.negative] if self.negative is None or isinstance(self.negative, str) else self.negative
-        if not all(n is None or isinstance(n, str) for n in negatives):
+        negative = self.negative
+        single = negative is None or isinstance(negative, str)
+        if not single and not (isinstance(negative, Sequence) and all(isinstance(n, str) for n in negative)):
             raise ValueError(f"negative must be a prompt or a list of prompts, got {self.negative!r}")
         if self.strength is not None:
             _number("strength", self.strength, 0.0, 1.0)

@@ -13,7 +13,7 @@ from PIL import Image
 import generate
 from autoencoder import AutoencoderConfig, DDConfig, build_autoencoder
 from conditioning import TextEncoderConfig
-from ldm.generation import generate_latents
+from ldm.generation import SamplingOptions, generate_latents
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,17 @@ def test_img2img_and_inpainting_in_latents(model):
     keep[..., 2:5, 2:6] = False
     assert torch.equal(out[keep], encoded[keep])
     assert not torch.allclose(out[~keep], encoded[~keep])
+
+
+def test_generate_latents_takes_an_options_object(model):
+    options = SamplingOptions(sampler="euler", steps=2, guidance=3.0, seed=4, height=SIZE, width=SIZE)
+    by_fields = generate_latents(model, ["a red circle"], sampler="euler", steps=2, guidance=3.0, seed=4,
+                                 height=SIZE, width=SIZE)
+    torch.testing.assert_close(generate_latents(model, ["a red circle"], options), by_fields, rtol=0, atol=0)
+    # Fields given besides the object replace its own (and are validated again).
+    torch.testing.assert_close(generate_latents(model, ["a red circle"], options, seed=4), by_fields, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="eta applies to the ddim sampler only"):
+        generate_latents(model, ["a red circle"], options, eta=0.3)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -174,6 +185,12 @@ SQUARE = ["--size", SIZE]
     (["--prompts-file", "nowhere.txt", *SQUARE], "exactly one of them"),
     (["--steps", "many"], "argument --steps: invalid int value: 'many'"),  # argparse's errors: one line too
     (["--spacing", "cosine"], "argument --spacing: invalid choice: 'cosine'"),
+    (["--cfg", "nan", *SQUARE], "guidance must be a finite number, got nan"),
+    (["--steps", 0, *SQUARE], "steps must be positive, got 0"),
+    (["--guidance-rescale", 2, *SQUARE], "guidance_rescale must be a number in [0.0, 1.0], got 2.0"),
+    (["--sampler", "ddim", "--spacing", "karras", *SQUARE], "spacing 'karras' does not apply to the ddim sampler"),
+    (["--sampler", "euler", "--init-image", "init.png", "--mask", "init.png", "--repaint-resamples", 2],
+     "repaint_resamples (RePaint) applies to the ddpm / ddim samplers only"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(images, checkpoint, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(images)
