@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from common.weights import CheckpointError, load_state_dict_strict, load_weights, read_metadata, save_weights
 from layers import Conv2d, SiLU, zero_module
-from ldm.unet import UNetEncoder, UNetModel
+from ldm.unet import UNetConfig, UNetEncoder, UNetModel
 
 # Widths of the original hint encoder: conv_in to 16, then (same-width conv, widening conv) pairs.
 HINT_WIDTHS = (16, 32, 96, 256)
@@ -74,34 +74,41 @@ def zero_conv(channels: int) -> nn.Sequential:
     return nn.Sequential(zero_module(Conv2d(channels, channels, 1)))
 
 
+def controlnet_args(config: UNetConfig, hint_channels: int, latent_factor: int) -> dict:
+    """A ControlNet's keyword arguments in the original's terms (what ControlNet files store)."""
+    args = {k: v for k, v in asdict(config).items() if k not in ("out_channels", "n_embed")}
+    return dict(args, hint_channels=hint_channels, latent_factor=latent_factor)
+
+
 class ControlNet(UNetEncoder):
     """Trainable copy of a U-Net's encoder that turns a condition image into U-Net residuals.
 
-    Arguments: those of the original `cldm.ControlNet` (`control_stage_config.params`): the first
-    six as there, the rest (dropout, channel_mult, num_heads, use_spatial_transformer,
-    context_dim, legacy, use_linear_in_transformer, use_checkpoint, ...) by keyword as for
-    `UNetEncoder`; `n_embed` is accepted and ignored as in the original (there is no output head).
-    `latent_factor`: the autoencoder's downsampling, 8 for SD's kl-f8 (see `hint_encoder`).
-    Build it from a trained U-Net with `from_unet`.
+    Built from the U-Net's `UNetConfig` (`ControlNet(config, hint_channels=3)`), or from the
+    arguments of the original `cldm.ControlNet` (`control_stage_config.params`) as keywords, whose
+    `n_embed` is accepted and ignored as there (there is no output head). `latent_factor`: the
+    autoencoder's downsampling, 8 for SD's kl-f8 (see `hint_encoder`). Build it from a trained
+    U-Net with `from_unet`.
     """
 
-    def __init__(self, image_size: int | None, in_channels: int, model_channels: int, hint_channels: int,
-                 num_res_blocks: int | list[int], attention_resolutions: list[int], *, latent_factor: int = 8,
-                 n_embed: int | None = None, **unet_encoder_args):
-        super().__init__(image_size, in_channels, model_channels, num_res_blocks, attention_resolutions,
-                         **unet_encoder_args)
+    def __init__(self, config: UNetConfig | None = None, /, *, hint_channels: int, latent_factor: int = 8,
+                 **params):
+        if config is None:
+            config = UNetConfig.from_original(**{k: v for k, v in params.items() if k != "n_embed"})
+        elif params:
+            raise ValueError("ControlNet: pass a UNetConfig or keyword arguments, not both")
+        super().__init__(config)
         if hint_channels < 1:
             raise ValueError(f"ControlNet: hint_channels must be positive, got {hint_channels}")
         self.hint_channels = hint_channels
         self.latent_factor = latent_factor
-        self.input_hint_block = hint_encoder(hint_channels, model_channels, latent_factor)
+        self.input_hint_block = hint_encoder(hint_channels, config.model_channels, latent_factor)
         self.zero_convs = nn.ModuleList(zero_conv(ch) for ch in self.input_block_channels)
         self.middle_block_out = zero_conv(self.input_block_channels[-1])
 
     @property
-    def config(self) -> dict:
-        """The constructor arguments (JSON-serialisable): `ControlNet(**net.config)` rebuilds it."""
-        return dict(self.encoder_args, hint_channels=self.hint_channels, latent_factor=self.latent_factor)
+    def constructor_args(self) -> dict:
+        """The constructor arguments (JSON-serialisable): `ControlNet(**net.constructor_args)` rebuilds it."""
+        return controlnet_args(self.config, self.hint_channels, self.latent_factor)
 
     @classmethod
     def from_unet(cls, unet: UNetEncoder, hint_channels: int = 3, latent_factor: int = 8) -> ControlNet:
@@ -110,7 +117,7 @@ class ControlNet(UNetEncoder):
         The zero convs and the hint encoder's last conv start at zero, so the controlled U-Net
         initially predicts exactly what `unet` alone does.
         """
-        net = cls(**unet.encoder_args, hint_channels=hint_channels, latent_factor=latent_factor)
+        net = cls(unet.config, hint_channels=hint_channels, latent_factor=latent_factor)
         encoder = {k: v for k, v in unet.state_dict().items() if k.split(".")[0] in ENCODER_PARTS}
         load_state_dict_strict(net, encoder, "ControlNet.from_unet: the U-Net's encoder", allow_missing=OWN_PARTS)
         reference = next(unet.parameters())
@@ -134,7 +141,7 @@ class ControlNet(UNetEncoder):
         like input block i's output, then the middle block's.
         """
         self.check_hint(hint, x)
-        dtype = self.time_embed[0].weight.dtype
+        dtype = self.dtype
         emb = self.embed(timesteps, x.shape[0], x.device, y)
         if isinstance(context, Tensor):
             context = context.to(dtype)
@@ -244,7 +251,7 @@ def save_controlnet(path: str | Path, net: ControlNet, state: dict[str, Tensor] 
         if k.split(".")[0] not in DECODER_PARTS:
             raise ValueError(f"save_controlnet: unet_decoder holds '{k}', not a U-Net output block / out weight")
         tensors[UNET_PREFIX + k] = v
-    meta = {"format": FILE_FORMAT, "config": net.config, "unet_decoder": bool(unet_decoder), **(metadata or {})}
+    meta = {"format": FILE_FORMAT, "config": net.constructor_args, "unet_decoder": bool(unet_decoder), **(metadata or {})}
     save_weights(tensors, path, meta)
 
 
@@ -285,8 +292,7 @@ def load_controlnet(path: str | Path, unet: UNetModel | None = None, latent_fact
     else:
         if unet is None:
             raise CheckpointError(f"{path}: original ControlNet weights carry no config; pass the U-Net they control")
-        config = dict(unet.encoder_args, hint_channels=int(state["input_hint_block.0.weight"].shape[1]),
-                      latent_factor=latent_factor)
+        config = controlnet_args(unet.config, int(state["input_hint_block.0.weight"].shape[1]), latent_factor)
         decoder = {}  # a 1.0 file's model.diffusion_model.* is the whole base model, not a trained decoder
     net = ControlNet(**config)
     load_state_dict_strict(net, state, path, what="the ControlNet its config describes",

@@ -6,7 +6,7 @@ metadata, so `LatentDiffusion.load(path)` needs nothing else.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,32 +17,14 @@ from common.config import from_dict
 from common.weights import CheckpointError, load_state_dict_strict, load_weights, read_metadata, save_weights
 from conditioning import TextEncoderConfig, build_text_encoder
 from ldm.diffusion import Diffusion, DiffusionConfig
-from ldm.unet import UNetModel
+from ldm.unet import UNetConfig, UNetModel
 
 
-@dataclass
-class UNetConfig:
-    """`UNetModel` arguments, named as in the original YAML `params`. Defaults: a small text-to-image U-Net."""
-
-    image_size: int | None = None
-    in_channels: int = 4
-    model_channels: int = 128
-    out_channels: int = 4
-    num_res_blocks: int = 2
-    attention_resolutions: list[int] = field(default_factory=lambda: [4, 2])
-    dropout: float = 0.0
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
-    conv_resample: bool = True
-    num_heads: int = -1
-    num_head_channels: int = 32
-    use_scale_shift_norm: bool = False
-    resblock_updown: bool = False
-    use_spatial_transformer: bool = True
-    transformer_depth: int = 1
-    context_dim: int | None = None  # None: taken from the text encoder
-    legacy: bool = False
-    use_linear_in_transformer: bool = False
-    use_checkpoint: bool = False
+def check_text_to_image_unet(unet: UNetConfig, source: str = "config") -> None:
+    """A LatentDiffusion U-Net is conditioned on text only: no class labels or ADM vectors (`y`)."""
+    if unet.num_classes is not None:
+        raise ValueError(f"{source}: unet num_classes={unet.num_classes!r} is not supported: this text-to-image "
+                         "model conditions on text only (num_classes must be null)")
 
 
 @dataclass
@@ -64,11 +46,10 @@ class LatentDiffusion(nn.Module):
         super().__init__()
         self.cfg, self.autoencoder_cfg, self.scale_factor = cfg, autoencoder_cfg, float(scale_factor)
         self.text_encoder = build_text_encoder(cfg.text)
-        unet_args = asdict(cfg.unet)
-        if unet_args["context_dim"] is None:
-            unet_args["context_dim"] = self.text_encoder.context_dim
-        if unet_args["context_dim"] != self.text_encoder.context_dim:
-            raise ValueError(f"unet.context_dim {unet_args['context_dim']} does not match the text encoder's "
+        check_text_to_image_unet(cfg.unet)
+        unet_cfg = replace(cfg.unet, context_dim=cfg.unet.context_dim or self.text_encoder.context_dim)
+        if unet_cfg.context_dim != self.text_encoder.context_dim:
+            raise ValueError(f"unet.context_dim {unet_cfg.context_dim} does not match the text encoder's "
                              f"width {self.text_encoder.context_dim}")
         latent_channels = autoencoder_cfg.embed_dim
         out_channels = latent_channels * (2 if cfg.diffusion.learn_sigma else 1)
@@ -76,7 +57,7 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"unet in/out channels must be {latent_channels}/{out_channels} for this autoencoder "
                              f"(embed_dim {latent_channels}, learn_sigma {cfg.diffusion.learn_sigma}); "
                              f"got {cfg.unet.in_channels}/{cfg.unet.out_channels}")
-        self.unet = UNetModel(**unet_args)
+        self.unet = UNetModel(unet_cfg)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.diffusion = Diffusion.from_config(cfg.diffusion)
 

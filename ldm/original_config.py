@@ -17,7 +17,8 @@ from autoencoder import AutoencoderConfig, DDConfig
 from common.config import from_dict
 from conditioning import TextEncoderConfig
 from ldm.diffusion import DiffusionConfig
-from ldm.latent_diffusion import LatentDiffusionConfig, UNetConfig
+from ldm.latent_diffusion import LatentDiffusionConfig, check_text_to_image_unet
+from ldm.unet import ORIGINAL_DEFAULTS, UNetConfig
 from ldm.schedule import ScheduleConfig
 
 LDM_TARGETS = ("ldm.models.diffusion.ddpm.LatentDiffusion", "cldm.cldm.ControlLDM")
@@ -32,9 +33,10 @@ TRANSFORMER_TARGET = "conditioning.text_encoders.TransformerTextEncoder"
 # Original beta_schedule names -> ScheduleConfig.kind (LDM's "linear" is linear in sqrt(beta)).
 BETA_SCHEDULES = {"linear": "ldm-linear", "sqrt_linear": "linear", "cosine": "cosine"}
 # The original UNetModel's constructor defaults where ours differ (ours suit small models trained here).
-ORIGINAL_UNET_DEFAULTS = dict(num_heads=-1, num_head_channels=-1, channel_mult=[1, 2, 4, 8], legacy=True,
-                              use_spatial_transformer=False)
 IGNORED_UNET_KEYS = ("use_fp16",)  # precision is chosen at run time here
+OPTIONAL_UNET_KEYS = ("dims", "num_classes", "use_fp16", "num_heads_upsample", "use_new_attention_order",
+                      "disable_self_attentions", "num_attention_blocks", "disable_middle_self_attn",
+                      "adm_in_channels", "n_embed")
 IGNORED_AE_KEYS = ("lossconfig", "monitor", "ckpt_path", "ignore_keys", "image_key", "colorize_nlabels",
                    "remap", "sane_index_shape")
 
@@ -106,7 +108,8 @@ def parse_original_config(raw: dict | str | Path) -> OriginalModelConfig:
             raise ValueError(f"{source}: model.params has no {name}")
     _target(p["unet_config"], f"{source}: unet_config", UNET_TARGETS)
     unet_params = {k: v for k, v in _params(p["unet_config"]).items() if k not in IGNORED_UNET_KEYS}
-    unet = from_dict(UNetConfig, {**ORIGINAL_UNET_DEFAULTS, **unet_params}, source=f"{source}: unet_config.params")
+    unet = from_dict(UNetConfig, {**ORIGINAL_DEFAULTS, **unet_params}, source=f"{source}: unet_config.params")
+    check_text_to_image_unet(unet, f"{source}: unet_config.params")
 
     ae_target = _target(p["first_stage_config"], f"{source}: first_stage_config", AUTOENCODER_TARGETS)
     ae_kind = AUTOENCODER_TARGETS[ae_target]
@@ -167,6 +170,10 @@ def original_config_dict(ldm: LatentDiffusionConfig, autoencoder: AutoencoderCon
         unet["context_dim"] = context_dim
     for key in ("num_heads", "num_head_channels"):  # -1 means "not set"; other readers expect it absent
         if unet[key] == -1:
+            del unet[key]
+    defaults = asdict(UNetConfig())
+    for key in OPTIONAL_UNET_KEYS:  # absent from the original YAMLs unless set; some readers choke on null
+        if unet[key] == defaults[key]:
             del unet[key]
     params["unet_config"] = {"target": UNET_TARGETS[0], "params": unet}
     ae = asdict(autoencoder)

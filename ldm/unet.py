@@ -1,8 +1,8 @@
 """The conditional U-Net of latent diffusion (LDM / Stable Diffusion 1.x and 2.x).
 
-`UNetModel` takes the `params` of the original YAML configs (`unet_config.params`) as keyword
-arguments and names its parameters like the original, so `model.diffusion_model.*` weights of
-those checkpoints load with `strict=True`.
+`UNetModel` is built from a `UNetConfig`, or from the `params` of the original YAML configs
+(`unet_config.params`) as keyword arguments, and names its parameters like the original, so
+`model.diffusion_model.*` weights of those checkpoints load with `strict=True`.
 
 Layout (SD 1.x numbers): `input_blocks.0` conv_in; then per level `num_res_blocks` x
 [ResBlock (+ SpatialTransformer at attention resolutions)] and a Downsample between levels;
@@ -16,7 +16,7 @@ trainable copy is the same code with the same parameter names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -40,195 +40,194 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-@dataclass(frozen=True)
-class BlockFactory:
-    """Makes the U-Net's ResBlocks and attention layers from the constructor arguments.
+@dataclass
+class UNetConfig:
+    """The U-Net's settings, named as the original `openaimodel.UNetModel` arguments (YAML `params`).
 
-    Shared by the encoder and the decoder so that every block of both halves follows one rule
-    (head counts including the original's `legacy` quirk, self-attention switches, checkpointing).
+    Defaults: a small text-to-image U-Net (this project's YAML `unet:` section). Where the
+    original's defaults differ, `UNetConfig.from_original(**params)` applies them
+    (`ORIGINAL_DEFAULTS`). Unsupported: `dims` other than 2 and `n_embed` (codebook prediction).
+    `use_fp16` is kept for config compatibility only: precision follows the parameters' dtype or
+    a `torch.autocast` context.
     """
 
-    time_embed_dim: int
-    dropout: float
-    use_checkpoint: bool
-    use_scale_shift_norm: bool
-    num_heads: int
-    num_head_channels: int
-    num_heads_upsample: int
-    legacy: bool
-    use_spatial_transformer: bool
-    use_new_attention_order: bool
-    transformer_depth: int
-    context_dim: int | list[int] | None
-    use_linear_in_transformer: bool
-    attention_resolutions: tuple[int, ...]
-    disable_self_attentions: tuple[bool, ...] | None
-    num_attention_blocks: tuple[int, ...] | None
-    disable_middle_self_attn: bool
+    image_size: int | None = None
+    in_channels: int = 4
+    model_channels: int = 128
+    out_channels: int = 4
+    num_res_blocks: int | list[int] = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [4, 2])
+    dropout: float = 0.0
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    conv_resample: bool = True
+    dims: int = 2
+    num_classes: int | str | None = None
+    use_checkpoint: bool = False
+    use_fp16: bool = False
+    num_heads: int = -1
+    num_head_channels: int = 32
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    use_spatial_transformer: bool = True
+    transformer_depth: int = 1
+    context_dim: int | list[int] | None = None  # None in a LatentDiffusion config: the text encoder's width
+    legacy: bool = False
+    disable_self_attentions: list[bool] | None = None
+    num_attention_blocks: list[int] | None = None
+    disable_middle_self_attn: bool = False
+    use_linear_in_transformer: bool = False
+    adm_in_channels: int | None = None
+    n_embed: int | None = None
 
-    def res_block(self, ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
-        return ResBlock(ch_in, self.time_embed_dim, self.dropout, ch_out,
-                        use_checkpoint=self.use_checkpoint, use_scale_shift_norm=self.use_scale_shift_norm, **updown)
+    @classmethod
+    def from_original(cls, **params) -> UNetConfig:
+        """The config the original `UNetModel(**params)` describes (the original's defaults apply)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"UNetModel: unknown argument(s) {unknown} (known: {', '.join(sorted(known))})")
+        return cls(**{**ORIGINAL_DEFAULTS, **params})
 
-    def wants_attention(self, ds: int, level: int, index: int) -> bool:
-        return ds in self.attention_resolutions and (
-            self.num_attention_blocks is None or index < self.num_attention_blocks[level])
+    @property
+    def levels(self) -> int:
+        return len(self.channel_mult)
 
-    def attention(self, ch: int, level: int, upsampling: bool = False, middle: bool = False) -> nn.Module:
-        # Head count / width exactly as the original computes them (including `legacy`).
-        if self.num_head_channels == -1:
-            heads, dim_head = self.num_heads, ch // self.num_heads
-        else:
-            heads, dim_head = ch // self.num_head_channels, self.num_head_channels
-        if self.legacy:
-            dim_head = ch // heads if self.use_spatial_transformer else self.num_head_channels
-        if not self.use_spatial_transformer:
-            return AttentionBlock(ch, self.num_heads_upsample if upsampling else heads, dim_head,
-                                  self.use_checkpoint, self.use_new_attention_order)
-        if middle:
-            disabled_sa = self.disable_middle_self_attn
-        else:
-            disabled_sa = bool(self.disable_self_attentions[level]) if self.disable_self_attentions else False
-        return SpatialTransformer(ch, heads, dim_head, self.transformer_depth, context_dim=self.context_dim,
-                                  disable_self_attn=disabled_sa, use_linear=self.use_linear_in_transformer,
-                                  use_checkpoint=self.use_checkpoint)
+    @property
+    def res_blocks(self) -> list[int]:
+        """ResBlocks per level (`num_res_blocks` given as one int or per level)."""
+        n = self.num_res_blocks
+        return [n] * self.levels if isinstance(n, int) else list(n)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+
+# The original constructor's defaults where this project's differ.
+ORIGINAL_DEFAULTS = dict(num_heads=-1, num_head_channels=-1, channel_mult=[1, 2, 4, 8], legacy=True,
+                         use_spatial_transformer=False)
+
+
+def check_config(c: UNetConfig, name: str) -> None:
+    """Reject settings the network cannot be built from, with a message naming the argument."""
+    levels = c.levels
+    problems = [
+        (c.dims != 2, f"supports only dims=2 (images), got dims={c.dims}"),
+        (c.n_embed is not None, "n_embed (predicting VQ codebook ids) is not supported; set it to None"),
+        (c.use_spatial_transformer and c.context_dim is None,
+         "use_spatial_transformer needs context_dim (the text embedding width)"),
+        (c.context_dim is not None and not c.use_spatial_transformer,
+         "context_dim is set but use_spatial_transformer is False"),
+        (c.num_heads == -1 and c.num_head_channels == -1, "set num_heads or num_head_channels"),
+        (not isinstance(c.transformer_depth, int), f"transformer_depth must be an int, got {c.transformer_depth!r}"),
+        (len(c.res_blocks) != levels, f"num_res_blocks has {len(c.res_blocks)} entries for {levels} levels"),
+        (c.disable_self_attentions is not None and len(c.disable_self_attentions) != levels,
+         f"disable_self_attentions needs {levels} entries (one per level)"),
+        (c.num_attention_blocks is not None and (len(c.num_attention_blocks) != levels or any(
+            a > r for a, r in zip(c.num_attention_blocks, c.res_blocks))),
+         "num_attention_blocks needs one entry per level, each <= num_res_blocks"),
+        (c.num_classes is not None and not isinstance(c.num_classes, int)
+         and c.num_classes not in ("continuous", "sequential"),
+         f"num_classes must be an int, 'continuous', 'sequential' or None, got {c.num_classes!r}"),
+        (c.num_classes == "sequential" and c.adm_in_channels is None, "num_classes='sequential' needs adm_in_channels"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise ValueError(f"{name}: {message}")
+
+
+def label_embedding(c: UNetConfig) -> nn.Module | None:
+    """`label_emb`: class ids, a continuous value or an ADM vector -> [B, time_embed_dim]."""
+    dim = c.time_embed_dim
+    if isinstance(c.num_classes, int):
+        return nn.Embedding(c.num_classes, dim)
+    if c.num_classes == "continuous":
+        return Linear(1, dim)
+    if c.num_classes == "sequential":
+        return nn.Sequential(nn.Sequential(Linear(c.adm_in_channels, dim), SiLU(), Linear(dim, dim)))
+    return None
 
 
 class UNetEncoder(nn.Module):
     """The encoder half of the U-Net: `time_embed` (+ `label_emb`), `input_blocks`, `middle_block`.
 
-    Takes the original constructor arguments that shape this half (all of `UNetModel`'s but
-    `out_channels` and `n_embed`) and keeps them in `encoder_args`, so a twin can be built from
-    a trained model (`ControlNet.from_unet`). `input_block_channels[i]` is the width of input
-    block i's output: the skip the decoder consumes, and the width of ControlNet's zero conv i.
-    Subclasses add the decoder (`UNetModel`) or the zero convs and hint encoder (`ControlNet`).
+    `input_block_channels[i]` is the width of input block i's output: the skip the decoder
+    consumes, and the width of ControlNet's zero conv i. Subclasses add the decoder (`UNetModel`)
+    or the zero convs and hint encoder (`ControlNet`); every block of both halves is made by the
+    same `_res_block` / `_attention` rules.
     """
 
-    def __init__(
-        self,
-        image_size: int | None,
-        in_channels: int,
-        model_channels: int,
-        num_res_blocks: int | list[int],
-        attention_resolutions: list[int],
-        dropout: float = 0.0,
-        channel_mult: list[int] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        num_classes: int | str | None = None,
-        use_checkpoint: bool = False,
-        use_fp16: bool = False,
-        num_heads: int = -1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
-        use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
-        context_dim: int | list[int] | None = None,
-        legacy: bool = True,
-        disable_self_attentions: list[bool] | None = None,
-        num_attention_blocks: list[int] | None = None,
-        disable_middle_self_attn: bool = False,
-        use_linear_in_transformer: bool = False,
-        adm_in_channels: int | None = None,
-    ):
+    def __init__(self, config: UNetConfig):
         super().__init__()
-        self.encoder_args = dict(
-            image_size=image_size, in_channels=in_channels, model_channels=model_channels,
-            num_res_blocks=num_res_blocks, attention_resolutions=list(attention_resolutions), dropout=dropout,
-            channel_mult=list(channel_mult), conv_resample=conv_resample, dims=dims, num_classes=num_classes,
-            use_checkpoint=use_checkpoint, use_fp16=use_fp16, num_heads=num_heads,
-            num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
-            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order, use_spatial_transformer=use_spatial_transformer,
-            transformer_depth=transformer_depth, context_dim=context_dim, legacy=legacy,
-            disable_self_attentions=disable_self_attentions, num_attention_blocks=num_attention_blocks,
-            disable_middle_self_attn=disable_middle_self_attn, use_linear_in_transformer=use_linear_in_transformer,
-            adm_in_channels=adm_in_channels)
-        name = type(self).__name__
-        channel_mult = list(channel_mult)
-        levels = len(channel_mult)
-        if dims != 2:
-            raise ValueError(f"{name} supports only dims=2 (images), got dims={dims}")
-        if use_spatial_transformer and context_dim is None:
-            raise ValueError(f"{name}: use_spatial_transformer needs context_dim (the text embedding width)")
-        if context_dim is not None and not use_spatial_transformer:
-            raise ValueError(f"{name}: context_dim is set but use_spatial_transformer is False")
-        if num_heads == -1 and num_head_channels == -1:
-            raise ValueError(f"{name}: set num_heads or num_head_channels")
-        if not isinstance(transformer_depth, int):
-            raise ValueError(f"{name}: transformer_depth must be an int, got {transformer_depth!r}")
-        res_blocks = [num_res_blocks] * levels if isinstance(num_res_blocks, int) else list(num_res_blocks)
-        if len(res_blocks) != levels:
-            raise ValueError(f"{name}: num_res_blocks has {len(res_blocks)} entries for {levels} levels")
-        if disable_self_attentions is not None and len(disable_self_attentions) != levels:
-            raise ValueError(f"{name}: disable_self_attentions needs {levels} entries (one per level)")
-        if num_attention_blocks is not None and (
-                len(num_attention_blocks) != levels or any(a > r for a, r in zip(num_attention_blocks, res_blocks))):
-            raise ValueError(f"{name}: num_attention_blocks needs one entry per level, each <= num_res_blocks")
+        check_config(config, type(self).__name__)
+        self.config = config
+        self.model_channels = config.model_channels
+        self.num_classes = config.num_classes
+        self.time_embed = nn.Sequential(Linear(config.model_channels, config.time_embed_dim), SiLU(),
+                                        Linear(config.time_embed_dim, config.time_embed_dim))
+        label_emb = label_embedding(config)
+        if label_emb is not None:
+            self.label_emb = label_emb
+        self._build_input_blocks()
+        ch = self.input_block_channels[-1]
+        self.middle_block = TimestepEmbedSequential(
+            self._res_block(ch, ch), self._attention(ch, config.levels - 1, middle=True), self._res_block(ch, ch))
 
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.num_res_blocks = res_blocks
-        self.attention_resolutions = list(attention_resolutions)
-        self.channel_mult = channel_mult
-        self.num_classes = num_classes
-        self.use_checkpoint = use_checkpoint
-        self.use_fp16 = use_fp16
-        self.context_dim = context_dim
-
-        time_embed_dim = model_channels * 4
-        self.block_factory = BlockFactory(
-            time_embed_dim=time_embed_dim, dropout=dropout, use_checkpoint=use_checkpoint,
-            use_scale_shift_norm=use_scale_shift_norm, num_heads=num_heads, num_head_channels=num_head_channels,
-            num_heads_upsample=num_heads if num_heads_upsample == -1 else num_heads_upsample, legacy=legacy,
-            use_spatial_transformer=use_spatial_transformer, use_new_attention_order=use_new_attention_order,
-            transformer_depth=transformer_depth, context_dim=context_dim,
-            use_linear_in_transformer=use_linear_in_transformer, attention_resolutions=tuple(attention_resolutions),
-            disable_self_attentions=tuple(disable_self_attentions) if disable_self_attentions else None,
-            num_attention_blocks=tuple(num_attention_blocks) if num_attention_blocks else None,
-            disable_middle_self_attn=disable_middle_self_attn)
-        blocks = self.block_factory
-
-        self.time_embed = nn.Sequential(
-            Linear(model_channels, time_embed_dim), SiLU(), Linear(time_embed_dim, time_embed_dim))
-        if isinstance(num_classes, int):
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
-        elif num_classes == "continuous":
-            self.label_emb = Linear(1, time_embed_dim)
-        elif num_classes == "sequential":
-            if adm_in_channels is None:
-                raise ValueError(f"{name}: num_classes='sequential' needs adm_in_channels")
-            self.label_emb = nn.Sequential(nn.Sequential(
-                Linear(adm_in_channels, time_embed_dim), SiLU(), Linear(time_embed_dim, time_embed_dim)))
-        elif num_classes is not None:
-            raise ValueError(f"{name}: num_classes must be an int, 'continuous', 'sequential' or None, "
-                             f"got {num_classes!r}")
-
-        conv_in = Conv2d(in_channels, model_channels, 3, padding=1)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
-        self.input_block_channels = [model_channels]
-        ch, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for index in range(res_blocks[level]):
-                layers = [blocks.res_block(ch, mult * model_channels)]
-                ch = mult * model_channels
-                if blocks.wants_attention(ds, level, index):
-                    layers.append(blocks.attention(ch, level))
+    def _build_input_blocks(self) -> None:
+        c = self.config
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
+        self.input_block_channels = [c.model_channels]
+        ch, ds = c.model_channels, 1
+        for level, mult in enumerate(c.channel_mult):
+            for index in range(c.res_blocks[level]):
+                layers = [self._res_block(ch, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if self._wants_attention(ds, level, index):
+                    layers.append(self._attention(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 self.input_block_channels.append(ch)
-            if level != levels - 1:
-                down = (blocks.res_block(ch, ch, down=True) if resblock_updown
-                        else Downsample(ch, conv_resample, ch))
+            if level != c.levels - 1:
+                down = self._res_block(ch, ch, down=True) if c.resblock_updown else Downsample(ch, c.conv_resample, ch)
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 self.input_block_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(
-            blocks.res_block(ch, ch), blocks.attention(ch, levels - 1, middle=True), blocks.res_block(ch, ch))
+    def _res_block(self, ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
+        c = self.config
+        return ResBlock(ch_in, c.time_embed_dim, c.dropout, ch_out, use_checkpoint=c.use_checkpoint,
+                        use_scale_shift_norm=c.use_scale_shift_norm, **updown)
+
+    def _wants_attention(self, ds: int, level: int, index: int) -> bool:
+        c = self.config
+        return ds in c.attention_resolutions and (c.num_attention_blocks is None or index < c.num_attention_blocks[level])
+
+    def _attention(self, ch: int, level: int, upsampling: bool = False, middle: bool = False) -> nn.Module:
+        c = self.config
+        # Head count / width exactly as the original computes them (including `legacy`).
+        if c.num_head_channels == -1:
+            heads, dim_head = c.num_heads, ch // c.num_heads
+        else:
+            heads, dim_head = ch // c.num_head_channels, c.num_head_channels
+        if c.legacy:
+            dim_head = ch // heads if c.use_spatial_transformer else c.num_head_channels
+        if not c.use_spatial_transformer:
+            heads_upsample = c.num_heads if c.num_heads_upsample == -1 else c.num_heads_upsample
+            return AttentionBlock(ch, heads_upsample if upsampling else heads, dim_head, c.use_checkpoint,
+                                  c.use_new_attention_order)
+        if middle:
+            disabled_sa = c.disable_middle_self_attn
+        else:
+            disabled_sa = bool(c.disable_self_attentions[level]) if c.disable_self_attentions else False
+        return SpatialTransformer(ch, heads, dim_head, c.transformer_depth, context_dim=c.context_dim,
+                                  disable_self_attn=disabled_sa, use_linear=c.use_linear_in_transformer,
+                                  use_checkpoint=c.use_checkpoint)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype (the time embedding's first layer stands for all)."""
+        return next(self.time_embed.parameters()).dtype
 
     def embed(self, timesteps: torch.Tensor | int | float, batch: int, device: torch.device,
               y: torch.Tensor | None = None) -> torch.Tensor:
@@ -240,7 +239,7 @@ class UNetEncoder(nn.Module):
         if (y is not None) != (self.num_classes is not None):
             raise ValueError(f"{type(self).__name__}: pass y (class labels) if and only if the model was built "
                              "with num_classes")
-        dtype = self.time_embed[0].weight.dtype
+        dtype = self.dtype
         timesteps = torch.as_tensor(timesteps, device=device)
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(batch)
@@ -253,43 +252,39 @@ class UNetEncoder(nn.Module):
 class UNetModel(UNetEncoder):
     """Timestep- (and optionally class- / text-) conditioned U-Net predicting noise or v.
 
-    Constructor arguments are those of the original `openaimodel.UNetModel`; see the module
-    docstring. Unsupported originals: `dims` other than 2 and `n_embed` (codebook prediction).
-    `use_fp16` is accepted for config compatibility only: precision follows the parameters'
-    dtype (`model.half()`) or a `torch.autocast` context, as the original scripts used.
+    `UNetModel(config)` with a `UNetConfig`, or `UNetModel(**params)` with the original
+    constructor's arguments (its defaults apply); see the module docstring for the layout.
     """
 
-    def __init__(self, image_size: int | None, in_channels: int, model_channels: int, out_channels: int,
-                 num_res_blocks: int | list[int], attention_resolutions: list[int], *, n_embed: int | None = None,
-                 **encoder_args):
-        # encoder_args: the rest of the original arguments, named and defaulted as in `UNetEncoder`.
-        if n_embed is not None:
-            raise ValueError("UNetModel: n_embed (predicting VQ codebook ids) is not supported; set it to None")
-        super().__init__(image_size, in_channels, model_channels, num_res_blocks, attention_resolutions,
-                         **encoder_args)
-        self.out_channels = out_channels
-        blocks = self.block_factory
+    def __init__(self, config: UNetConfig | None = None, /, **params):
+        if config is None:
+            config = UNetConfig.from_original(**params)
+        elif params:
+            raise ValueError("UNetModel: pass a UNetConfig or keyword arguments, not both")
+        super().__init__(config)
+        self.out_channels = config.out_channels
+        self._build_output_blocks()
+        mc = config.model_channels
+        self.out = nn.Sequential(normalization(mc * config.channel_mult[0]), SiLU(),
+                                 zero_module(Conv2d(mc, config.out_channels, 3, padding=1)))
 
-        # Decoder: one more block per level than the encoder, so it also consumes the downsamplers' outputs.
+    def _build_output_blocks(self) -> None:
+        # One more block per level than the encoder, so it also consumes the downsamplers' outputs.
+        c = self.config
         skip_channels = list(self.input_block_channels)
-        ch, ds = skip_channels[-1], 2 ** (len(self.channel_mult) - 1)
+        ch, ds = skip_channels[-1], 2 ** (c.levels - 1)
         self.output_blocks = nn.ModuleList([])
-        for level, mult in reversed(list(enumerate(self.channel_mult))):
-            for index in range(self.num_res_blocks[level] + 1):
-                layers = [blocks.res_block(ch + skip_channels.pop(), model_channels * mult)]
-                ch = model_channels * mult
-                if blocks.wants_attention(ds, level, index):
-                    layers.append(blocks.attention(ch, level, upsampling=True))
-                if level and index == self.num_res_blocks[level]:
-                    args = self.encoder_args
-                    up = (blocks.res_block(ch, ch, up=True) if args["resblock_updown"]
-                          else Upsample(ch, args["conv_resample"], ch))
-                    layers.append(up)
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for index in range(c.res_blocks[level] + 1):
+                layers = [self._res_block(ch + skip_channels.pop(), c.model_channels * mult)]
+                ch = c.model_channels * mult
+                if self._wants_attention(ds, level, index):
+                    layers.append(self._attention(ch, level, upsampling=True))
+                if level and index == c.res_blocks[level]:
+                    layers.append(self._res_block(ch, ch, up=True) if c.resblock_updown
+                                  else Upsample(ch, c.conv_resample, ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-
-        self.out = nn.Sequential(
-            normalization(ch), SiLU(), zero_module(Conv2d(model_channels, out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None,
@@ -304,7 +299,7 @@ class UNetModel(UNetEncoder):
         Returns [B, out_channels, H, W] in x's dtype. Every layer keeps x's memory format (on CPU,
         NCHW measured faster: bench/RESULTS.md).
         """
-        dtype = self.time_embed[0].weight.dtype
+        dtype = self.dtype
         emb = self.embed(timesteps, x.shape[0], x.device, y)
         if isinstance(context, torch.Tensor):
             context = context.to(dtype)

@@ -28,7 +28,8 @@ from ldm.controlnet import (
     save_controlnet,
 )
 from ldm.generation import generate_latents
-from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
+from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.unet import UNetConfig
 from ldm.unet import UNetModel
 from common.weights import CheckpointError, load_weights, read_metadata
 

@@ -11,7 +11,8 @@ import train_stage2
 from autoencoder import AutoencoderConfig, DDConfig, build_autoencoder
 from conditioning import TextEncoderConfig
 from data import DataConfig, build_dataset
-from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
+from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.unet import UNetConfig
 from training import EMA, TrainConfig, ema_weights, train
 
 SIZE = 16  # image pixels; the tiny autoencoder halves once

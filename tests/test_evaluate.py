@@ -14,7 +14,8 @@ from autoencoder import AutoencoderConfig, DDConfig, build_autoencoder
 from conditioning import TextEncoderConfig
 from ldm.evaluate import Evaluator, main
 from ldm.generation import SAMPLERS, generate_latents
-from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
+from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.unet import UNetConfig
 from common.weights import save_torch, save_weights
 from conftest import load_script
 

@@ -14,7 +14,8 @@ import generate
 from autoencoder import AutoencoderConfig, DDConfig, build_autoencoder
 from conditioning import TextEncoderConfig
 from ldm.generation import SamplingOptions, generate_latents
-from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
+from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.unet import UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # pixels; the tiny autoencoder and U-Net each halve once, so sizes are multiples of 4

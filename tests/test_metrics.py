@@ -333,7 +333,8 @@ def _finite(value) -> bool:
 
 def test_ldm_evaluate_end_to_end(tmp_path):
     from ldm.evaluate import main
-    from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
+    from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+    from ldm.unet import UNetConfig
 
     torch.manual_seed(0)
     ae_cfg = AutoencoderConfig(kind="kl", embed_dim=4, ddconfig=DDConfig(double_z=True, **TINY_DDCONFIG))

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 import generate
 from autoencoder import AutoencoderConfig, DDConfig, build_autoencoder
 from conditioning import TextEncoderConfig
-from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
+from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.unet import UNetConfig
 from ldm.original_config import parse_original_config
 from ldm.original_format import (
     ema_key,

@@ -10,7 +10,8 @@ import train_stage1
 import train_stage2
 from autoencoder.model_file import load_autoencoder
 from ldm.latent_cache import fingerprint
-from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, UNetConfig
+from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.unet import UNetConfig
 from conditioning import TextEncoderConfig
 from data import DataConfig, build_dataset
 from common.weights import load_weights
