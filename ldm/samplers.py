@@ -11,8 +11,12 @@ Two families, by the space the state x lives in:
 
 Every sampler takes the starting state, a decreasing sequence of levels (timesteps or sigmas, see
 `ldm.denoiser.make_timesteps` / `make_sigmas`), and optionally: per-image CPU generators for all fresh noise
-(image i of a batch then depends only on its own generator), `before_step(i, x) -> x` (inpainting
-re-imposes known content there), `callback(i, x, x0)` after each step, and a tqdm bar.
+(image i of a batch then depends only on its own generator), and as keyword `hooks` for the shared
+loop `_walk`: `before_step(i, x) -> x` (inpainting re-imposes known content there), `callback(i, x, x0)`
+after each step, and `progress` (a tqdm bar). Each sampler is one `step(x, i, j) -> (x, x0)`.
+
+The registry `SAMPLERS` declares what each sampler supports (state space, spacings, eta, RePaint);
+callers read it there instead of testing names.
 """
 from __future__ import annotations
 
