@@ -25,14 +25,14 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from conditioning.edges import canny_hint
-from ldm.controlnet import Control, load_controlnet
+from ldm.controlnet import ENCODER_PARTS, Control, load_controlnet
 from ldm.denoiser import SIGMA_SPACINGS, NoiseLevels
 from ldm.generation import SAMPLERS, generate_latents, read_prompt_lines
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import load_model
 from ldm.sampling_options import SamplingOptions
-from common.weights import file_sha256
 from common.cli import ArgumentParser, run
+from common.weights import file_sha256, load_state_dict_strict
 
 
 CONTROL_KINDS = ("canny", "none", "map")
@@ -164,10 +164,9 @@ def load_controls(args: argparse.Namespace, model: LatentDiffusion, hints: list[
                 raise ValueError(f"{decoder_from} and {path} both carry U-Net output blocks (trained with "
                                  "sd_locked: false); use at most one of them")
             decoder_from = path
-            result = model.unet.load_state_dict(loaded.unet_decoder, strict=False)
-            if result.unexpected_keys:
-                raise ValueError(f"{path}: its U-Net output blocks do not fit {args.checkpoint} "
-                                 f"(e.g. {result.unexpected_keys[0]})")
+            load_state_dict_strict(model.unet, loaded.unet_decoder, path, what=f"the U-Net of {args.checkpoint}",
+                                   allow_missing=tuple(part + "." for part in ENCODER_PARTS),
+                                   hint="its output blocks were trained on another stage-2 model")
         net = loaded.net
         if net.hint_channels == 1:
             hint = hint.mean(dim=1, keepdim=True)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -10,6 +10,14 @@ from torch import nn
 from autoencoder.checkpoint import load_autoencoder_weights
 from autoencoder.config import DDConfig
 from autoencoder.modules import Decoder, Encoder
+
+
+def drop_training_params(model: str, params: dict[str, Any], training_side: frozenset[str]) -> None:
+    """Accept the original config entries that configure training there (the loss, logging, learning
+    rates, weight EMA: the training loop's jobs here) and reject anything else by name."""
+    unknown = sorted(set(params) - training_side)
+    if unknown:
+        raise ValueError(f"{model}: unknown argument(s) {unknown}")
 
 
 class LatentAutoencoder(nn.Module):

@@ -6,7 +6,7 @@ from torch import nn
 from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig
 from autoencoder.kl import AutoencoderKL
 from autoencoder.losses import AutoencoderLoss
-from autoencoder.vq import VQModel
+from autoencoder.vq import QUANTIZER_OPTIONS, VQModel
 
 
 def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
@@ -14,18 +14,8 @@ def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
     if cfg.kind == "kl":
         return AutoencoderKL(ddconfig=cfg.ddconfig, embed_dim=cfg.embed_dim)
     if cfg.kind == "vq":
-        return VQModel(
-            ddconfig=cfg.ddconfig,
-            n_embed=cfg.n_embed,
-            embed_dim=cfg.embed_dim,
-            sane_index_shape=cfg.sane_index_shape,
-            beta=cfg.beta,
-            legacy=cfg.legacy,
-            codebook_ema=cfg.codebook_ema,
-            ema_decay=cfg.ema_decay,
-            ema_eps=cfg.ema_eps,
-            dead_code_steps=cfg.dead_code_steps,
-        )
+        codebook = {k: getattr(cfg, k) for k in QUANTIZER_OPTIONS if hasattr(cfg, k)}
+        return VQModel(ddconfig=cfg.ddconfig, n_embed=cfg.n_embed, embed_dim=cfg.embed_dim, **codebook)
     raise ValueError(f"model.kind must be 'kl' or 'vq', got {cfg.kind!r}")
 
 

@@ -8,9 +8,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from autoencoder.base import LatentAutoencoder
+from autoencoder.base import LatentAutoencoder, drop_training_params
 from autoencoder.config import DDConfig, ddconfig_from
 from autoencoder.modules import match_memory_format
+from layers import Conv2d
 
 
 class DiagonalGaussianDistribution:
@@ -68,25 +69,17 @@ class AutoencoderKL(LatentAutoencoder):
     the original's random `colorize` buffer so segmentation checkpoints load strictly.
     """
 
-    def __init__(
-        self,
-        ddconfig: DDConfig | dict,
-        embed_dim: int,
-        lossconfig: Any = None,
-        ckpt_path: str | Path | None = None,
-        ignore_keys: Iterable[str] = (),
-        image_key: str = "image",
-        colorize_nlabels: int | None = None,
-        monitor: str | None = None,
-        ema_decay: float | None = None,
-        learn_logvar: bool = False,
-    ):
+    TRAINING_PARAMS = frozenset({"lossconfig", "image_key", "monitor", "ema_decay", "learn_logvar"})
+
+    def __init__(self, ddconfig: DDConfig | dict, embed_dim: int, *, ckpt_path: str | Path | None = None,
+                 ignore_keys: Iterable[str] = (), colorize_nlabels: int | None = None, **training_params: Any):
+        drop_training_params("AutoencoderKL", training_params, self.TRAINING_PARAMS)
         cfg = ddconfig_from(ddconfig)
         if not cfg.double_z:
             raise ValueError("AutoencoderKL needs ddconfig.double_z: true (the encoder emits mean and logvar)")
         super().__init__(cfg, embed_dim)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, cfg.z_channels, 1)
+        self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * embed_dim, 1)
+        self.post_quant_conv = Conv2d(embed_dim, cfg.z_channels, 1)
         self.finish(colorize_nlabels, ckpt_path, ignore_keys)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:

@@ -1,6 +1,7 @@
 """Vector-quantised autoencoder (LDM `VQModel`) and its codebook (`VectorQuantizer`)."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -11,9 +12,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from autoencoder.base import LatentAutoencoder
+from autoencoder.base import LatentAutoencoder, drop_training_params
 from autoencoder.config import DDConfig, ddconfig_from
 from autoencoder.modules import match_memory_format
+from layers import Conv2d
 
 # Rows of the [positions, n_embed] distance matrix computed at once: bounds memory at ~64 MB
 # (a 256x256 batch of 8 against 8192 codes would otherwise need 1 GB).
@@ -215,51 +217,36 @@ class VectorQuantizer(nn.Module):
         return self.embedding(indices).permute(0, 3, 1, 2)
 
 
+# VectorQuantizer's keyword options, which VQModel passes through.
+QUANTIZER_OPTIONS = frozenset(list(inspect.signature(VectorQuantizer).parameters)[2:])
+
+
 class VQModel(LatentAutoencoder):
     """Image [B, 3, H, W] in [-1, 1] <-> quantised latent [B, embed_dim, H/f, W/f].
 
     The constructor takes the `params` of an original LDM VQModel config. Training-side entries
     (lossconfig, image_key, monitor, batch_resize_range, scheduler_config, lr_g_factor, use_ema =
-    weight EMA, which the training loop provides) are accepted and ignored. `remap` and
-    `sane_index_shape` are passed to the quantizer; `ckpt_path` loads original weights.
-    Keyword-only codebook options (beta, legacy, codebook_ema, ...) are this project's extensions.
+    weight EMA, which the training loop provides) are accepted and ignored; the rest (`remap`,
+    `sane_index_shape` and this project's codebook options: beta, legacy, codebook_ema, ...) are
+    `VectorQuantizer`'s. `ckpt_path` loads original weights.
     """
 
-    def __init__(
-        self,
-        ddconfig: DDConfig | dict,
-        n_embed: int,
-        embed_dim: int,
-        lossconfig: Any = None,
-        ckpt_path: str | Path | None = None,
-        ignore_keys: Iterable[str] = (),
-        image_key: str = "image",
-        colorize_nlabels: int | None = None,
-        monitor: str | None = None,
-        batch_resize_range: Any = None,
-        scheduler_config: Any = None,
-        lr_g_factor: float = 1.0,
-        remap: str | None = None,
-        sane_index_shape: bool = False,
-        use_ema: bool = False,
-        *,
-        beta: float = 0.25,
-        legacy: bool = False,
-        codebook_ema: bool = False,
-        ema_decay: float = 0.99,
-        ema_eps: float = 1e-5,
-        dead_code_steps: int = 0,
-    ):
+    TRAINING_PARAMS = frozenset({"lossconfig", "image_key", "monitor", "batch_resize_range", "scheduler_config",
+                                 "lr_g_factor", "use_ema"})
+
+    def __init__(self, ddconfig: DDConfig | dict, n_embed: int, embed_dim: int, *,
+                 ckpt_path: str | Path | None = None, ignore_keys: Iterable[str] = (),
+                 colorize_nlabels: int | None = None, **params: Any):
+        quantizer_args = {k: v for k, v in params.items() if k in QUANTIZER_OPTIONS}
+        drop_training_params("VQModel", {k: v for k, v in params.items() if k not in quantizer_args},
+                             self.TRAINING_PARAMS)
         cfg = ddconfig_from(ddconfig)
         if cfg.double_z:
             raise ValueError("VQModel needs ddconfig.double_z: false (the encoder emits one latent)")
         super().__init__(cfg, embed_dim)
-        self.quantize = VectorQuantizer(
-            n_embed, embed_dim, beta=beta, legacy=legacy, codebook_ema=codebook_ema, ema_decay=ema_decay,
-            ema_eps=ema_eps, dead_code_steps=dead_code_steps, remap=remap, sane_index_shape=sane_index_shape,
-        )
-        self.quant_conv = nn.Conv2d(cfg.z_channels, embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, cfg.z_channels, 1)
+        self.quantize = VectorQuantizer(n_embed, embed_dim, **quantizer_args)
+        self.quant_conv = Conv2d(cfg.z_channels, embed_dim, 1)
+        self.post_quant_conv = Conv2d(embed_dim, cfg.z_channels, 1)
         self.finish(colorize_nlabels, ckpt_path, ignore_keys)
 
     def encode_latents(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:

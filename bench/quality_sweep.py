@@ -40,7 +40,7 @@ from ldm.evaluate import Evaluator  # noqa: E402
 from ldm.latent_diffusion import LatentDiffusion  # noqa: E402
 from ldm.samplers import SAMPLERS  # noqa: E402
 from metrics.clip_score import DEFAULT_ARCH, DEFAULT_WEIGHTS  # noqa: E402
-from common.weights import CheckpointError, file_sha256, load_weights, write_text_atomic  # noqa: E402
+from common.weights import CheckpointError, file_sha256, load_state_dict_strict, load_weights, write_text_atomic  # noqa: E402
 from training.checkpoint import CheckpointDir  # noqa: E402
 from common.cli import ArgumentParser, run  # noqa: E402
 from training.run_log import training_minutes  # noqa: E402
@@ -102,11 +102,7 @@ def expected_evaluations(sampler: str, steps: int, num_timesteps: int = 1000) ->
     spec = SAMPLERS[sampler]
     if spec.space == "timestep":  # LDM's "uniform" spacing may give more levels than steps
         steps = len(make_timesteps(num_timesteps, steps, spec.default_spacing))
-    if sampler == "heun":
-        return 2 * steps - 1  # the last step, to sigma = 0, is an Euler step
-    if sampler == "plms":
-        return steps + (steps > 1)  # the first step is an improved-Euler step
-    return steps
+    return spec.evaluations(steps)
 
 
 def estimate_seconds(settings: list[Setting], n: int, references: bool = True) -> float:
@@ -140,11 +136,8 @@ def load_training_weights(model: LatentDiffusion, folder: Path) -> str:
         if prefix == "unet." and not part:
             raise CheckpointError(f"{folder}: no U-Net weights ('unet.*') in its {kind} weights")
         if part:
-            try:
-                module.load_state_dict(part)
-            except RuntimeError as e:
-                raise CheckpointError(f"{folder}: {prefix}* weights do not fit the --checkpoint architecture: "
-                                      f"{str(e).strip().splitlines()[-1].strip()}") from None
+            load_state_dict_strict(module, part, folder, what=f"the --checkpoint model's {prefix[:-1]}",
+                                   file_key=lambda k, prefix=prefix: prefix + k)
     return kind
 
 

@@ -27,6 +27,8 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
+from common.weights import load_state_dict_strict, load_weights
+
 from .text_encoders import TextEncoder
 from .tokenizer import CONTEXT_LENGTH, END_OF_TEXT_ID, VOCAB_SIZE, CLIPBPETokenizer, warn_truncated
 
@@ -192,18 +194,9 @@ class FrozenCLIPTextEncoder(TextEncoder):
         return self.transformer.text_model.final_layer_norm(hidden[-2])
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file or a torch checkpoint (loaded with weights_only=True)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict")
-    for prefix in ("module.", "model."):  # DDP wrappers; this module's own `model.*` names
+def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without the prefix a DDP wrapper (`module.`) or a trainer (`model.`) put on every key."""
+    for prefix in ("module.", "model."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
@@ -275,10 +268,8 @@ class FrozenOpenCLIPTextEncoder(TextEncoder):
             with _without_log_message("No pretrained weights loaded"):  # they are, right below
                 model = open_clip.create_model(arch, pretrained=None)
             del model.visual
-            state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("visual.")}
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"{path} does not fit open_clip {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            state = {k: v for k, v in _unwrapped(load_weights(path)).items() if not k.startswith("visual.")}
+            load_state_dict_strict(model, state, path, what=f"open_clip {arch} (text tower)")
             return model
         tags = open_clip.list_pretrained_tags_by_model(arch)
         if pretrained not in tags:

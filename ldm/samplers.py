@@ -340,6 +340,8 @@ class SamplerSpec:
     zero_snr_spacing: str = "trailing"
     eta: bool = False
     resampling: bool = False
+    # Network calls per image for a path of `steps` steps (plans a sweep's cost).
+    evaluations: Callable[[int], int] = lambda steps: steps
 
     @property
     def state_space(self) -> StateSpace:
@@ -364,10 +366,13 @@ class SamplerSpec:
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(sample_ddpm, "timestep", "linspace", resampling=True),
     "ddim": SamplerSpec(sample_ddim, "timestep", "uniform", eta=True, resampling=True),
-    "plms": SamplerSpec(sample_plms, "timestep", "uniform", zero_snr_spacing="uniform"),
+    # PLMS's first step is an improved-Euler step (two calls).
+    "plms": SamplerSpec(sample_plms, "timestep", "uniform", zero_snr_spacing="uniform",
+                        evaluations=lambda steps: steps + (steps > 1)),
     "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, "sigma", "karras"),
     "euler": SamplerSpec(sample_euler, "sigma", "karras"),
-    "heun": SamplerSpec(sample_heun, "sigma", "karras"),
+    # Two calls a step but the last, to sigma = 0, which is an Euler step.
+    "heun": SamplerSpec(sample_heun, "sigma", "karras", evaluations=lambda steps: 2 * steps - 1),
 }
 
 

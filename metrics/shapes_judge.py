@@ -33,8 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.weights import load_state_dict_strict
+from data import DataConfig, build_dataset
 from data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, position_phrase
 
 GRID = 3
@@ -197,18 +200,13 @@ class ShapesJudge:
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> ShapesJudge:
         """The shipped weights (metrics/weights/shapes_judge.safetensors) or another file written by --train."""
-        from safetensors.torch import load_file
-
         path = Path(path) if path else DEFAULT_WEIGHTS
         if not path.is_file():
             raise FileNotFoundError(f"shapes judge weights not found at {path}; train them with "
                                     f"`python -m metrics.shapes_judge --train`")
         net = CellClassifier()
         state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-        try:
-            net.load_state_dict(state)
-        except RuntimeError:
-            raise ValueError(f"{path} does not hold weights of this shapes judge; retrain with --train") from None
+        load_state_dict_strict(net, state, path, what="this shapes judge", hint="retrain it with --train")
         return cls(net, device)
 
     @torch.inference_mode()
@@ -261,8 +259,6 @@ def adherence(predicted: Sequence[dict], wanted: Sequence[dict]) -> dict[str, fl
 
 def render_scenes(count: int, size: int, split: str, seed: int) -> tuple[torch.Tensor, list[dict]]:
     """`count` shapes scenes rendered at `size` and brought to the judge's input: ([N, 3, 72, 72], labels)."""
-    from data import DataConfig, build_dataset
-
     dataset = build_dataset(DataConfig(source="shapes", size=size, split=split, seed=seed, shapes_length=count))
     images, labels = [], []
     for start in range(0, count, 512):  # resized in chunks: 128-pixel renders would take 4x the memory
@@ -305,8 +301,6 @@ def _cell_loss(logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.
 def train_judge(out: Path = DEFAULT_WEIGHTS, scenes_per_size: dict[int, int] | None = None, epochs: int = 6,
                 batch_size: int = 256, lr: float = 3e-3, empty_fraction: float = 0.15, seed: int = 0) -> CellClassifier:
     """Train on cells of rendered train-split scenes and write fp16 safetensors weights to `out`."""
-    from safetensors.torch import save_file
-
     scenes_per_size = scenes_per_size or {32: 3000, 64: 10000, 128: 3000}
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

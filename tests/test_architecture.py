@@ -38,13 +38,6 @@ LAZY_IMPORTS = {
     **dict.fromkeys(("data.folder", "data.webdataset_source", "data.emoji", "data.shapes", "data.fashion_mnist"),
                     "build_dataset imports the chosen source only, so the others' dependencies stay unloaded"),
 }
-# Function-level imports in files this test did not get to change (written by another change at
-# the same time); each entry goes once its imports move to module level.
-NOT_YET_HOISTED = {
-    ("conditioning/pretrained_text_encoders.py", "safetensors.torch"),
-    ("metrics/shapes_judge.py", "safetensors.torch"),
-    ("metrics/shapes_judge.py", "data"),
-}
 
 
 def _package_files(package: str) -> list[Path]:
@@ -111,7 +104,7 @@ def test_no_package_imports_inside_functions_but_optional_dependencies():
         for file in _package_files(package):
             where = file.relative_to(ROOT).as_posix()
             for module, in_function, guarded in _imports(file):
-                if in_function and not guarded and not _lazy_allowed(module) and (where, module) not in NOT_YET_HOISTED:
+                if in_function and not guarded and not _lazy_allowed(module):
                     wrong.append(f"{where}: {module}")
     assert not wrong, "imports inside functions (move them to the top of the module):\n" + "\n".join(wrong)
 
