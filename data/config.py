@@ -12,7 +12,7 @@ CONDITIONS = ("canny", "shapes-edges", "shapes-mask")
 class DataConfig:
     """Where images come from and how they are shaped into training items.
 
-    Plain types only, so `training.config.from_dict` can check a YAML section against it.
+    Plain types only, so `common.config.from_dict` can check a YAML section against it.
     """
 
     # Which source to read; see `data.build_dataset` for what `path` means for each.

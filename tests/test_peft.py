@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,16 @@ def test_a_hook_that_changes_an_output_is_honoured_by_the_folded_upsampling():
         after = model(x, t, context)
     assert not torch.allclose(before, silenced)
     torch.testing.assert_close(before, after)
+
+
+def test_the_readme_lora_example_runs():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Adapters and hooks"):]
+    code = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 3)]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    unet = namespace["unet"]
+    assert isinstance(unet, UNetModel) and len(lora_parameters(unet)) > 0
+    x = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        assert unet(x, torch.tensor([10]), torch.randn(1, 7, 384)).shape == x.shape
