@@ -20,8 +20,8 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
-def _may_overwrite(*tensors: torch.Tensor) -> bool:
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+def _may_overwrite(a: torch.Tensor, b: torch.Tensor | None = None) -> bool:
+    return not torch.is_grad_enabled() or not (a.requires_grad or (b is not None and b.requires_grad))
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -38,8 +38,9 @@ class SiLU(nn.SiLU):
 
 
 def add(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """fresh + other, written into `fresh` (a temporary nobody else holds) when autograd allows."""
-    if _may_overwrite(fresh, other) and fresh.shape == torch.broadcast_shapes(fresh.shape, other.shape):
+    """fresh + other, written into `fresh` (a temporary nobody else holds) when autograd allows.
+    `other` has fresh's shape or broadcasts to it."""
+    if _may_overwrite(fresh, other):
         return fresh.add_(other)
     return fresh + other
 

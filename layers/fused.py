@@ -38,6 +38,10 @@ def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
+# Fewer rows than this go to F.linear (MKL), whose per-call cost is a fraction of oneDNN's.
+ONEDNN_MIN_ROWS = 64
+
+
 def runs_plain(module: nn.Module) -> bool:
     """True when `module` is exactly `Linear` or `Conv2d` of this file with no hook on it (nor a
     global one), so a fused method of it computes what calling it would."""
@@ -46,12 +50,28 @@ def runs_plain(module: nn.Module) -> bool:
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` whose CPU inference runs oneDNN's matmul. x: [..., in] -> [..., out]."""
+    """`nn.Linear` whose CPU inference runs oneDNN's matmul. x: [..., in] -> [..., out].
+
+    `geglu(x)` computes a * gelu(gate) with (a, gate) = self(x).chunk(2, -1) as two products, GELU
+    fused into the gate's.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if onednn_inference(x, self.weight):
+        if self._onednn_ok(x):
             return _mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def _onednn_ok(self, x: torch.Tensor) -> bool:
+        # A few rows (time embeddings: one per image) are MKL's: oneDNN's per-call cost dominates there.
+        return x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] and onednn_inference(x, self.weight)
+
+    def geglu(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._onednn_ok(x):
+            a, gate = self(x).chunk(2, dim=-1)
+            return F.gelu(gate).mul_(a) if not torch.is_grad_enabled() else a * F.gelu(gate)
+        (w_a, w_gate), (b_a, b_gate) = self.weight.chunk(2), self.bias.chunk(2)
+        gate = _mkldnn._linear_pointwise(x, w_gate, b_gate, "gelu", [], "none")
+        return _mkldnn._linear_pointwise(x, w_a, b_a, "none", [], "").mul_(gate)
 
 
 # Output pixel 2i + a of a nearest 2x upsampling followed by a 3x3 conv (padding 1) sees input rows

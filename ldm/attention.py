@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from layers import Conv2d, Linear, add, attention, memory_format_of, zero_module
+from layers import Conv2d, Linear, add, attention, memory_format_of, runs_plain, zero_module
 from ldm.blocks import normalization
 
 
@@ -22,10 +22,14 @@ def to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(b, height * width, c)
 
 
+def image_view(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, H*W, C] -> [B, C, H, W], a channels_last view of contiguous tokens."""
+    return tokens.reshape(tokens.shape[0], height, width, tokens.shape[-1]).permute(0, 3, 1, 2)
+
+
 def from_tokens(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B, H*W, C] -> [B, C, H, W] in the memory format of the image `like`."""
-    b, _, height, width = like.shape
-    image = tokens.reshape(b, height, width, tokens.shape[-1]).permute(0, 3, 1, 2)  # channels_last view
+    image = image_view(tokens, like.shape[2], like.shape[3])
     return image.contiguous(memory_format=memory_format_of(like))
 
 
@@ -64,6 +68,8 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_plain(self.proj):
+            return self.proj.geglu(x)
         a, gate = self.proj(x).chunk(2, dim=-1)
         return a * F.gelu(gate)
 
@@ -148,15 +154,16 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x)
         if self.use_linear:
             tokens = self.proj_in(to_tokens(h))
-        else:
-            tokens = to_tokens(self.proj_in(h))
+            for block, ctx in zip(self.transformer_blocks, contexts):
+                tokens = block(tokens, ctx)
+            return add(from_tokens(self.proj_out(tokens), like=x), x)
+        # The 1x1 convs run on channels_last images, whose token view is free: the layout changes
+        # once on the way in and once on the way out, as around the Linear projections.
+        tokens = to_tokens(self.proj_in(h.contiguous(memory_format=torch.channels_last)))
         for block, ctx in zip(self.transformer_blocks, contexts):
             tokens = block(tokens, ctx)
-        if self.use_linear:
-            h = from_tokens(self.proj_out(tokens), like=x)
-        else:
-            h = self.proj_out(from_tokens(tokens, like=x))
-        return add(h, x)
+        h = self.proj_out(image_view(tokens, x.shape[2], x.shape[3]))
+        return add(h, x).contiguous(memory_format=memory_format_of(x))
 
 
 class AttentionBlock(nn.Module):
