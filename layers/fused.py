@@ -33,7 +33,9 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _HAVE_ONEDNN and _mkldnn._is
 def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the oneDNN kernels may stand in for F.linear / F.conv2d on (x, weight)."""
     # Under torch.compile the plain ops are traced instead: inductor fuses (and pre-packs) them itself.
+    # Weights of a tensor subclass (e.g. torchao's quantized ones) need the ops their subclass overrides.
     return (_HAVE_ONEDNN and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and type(weight) in (torch.Tensor, nn.Parameter)
             and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES
             and not torch.is_autocast_enabled("cpu"))
 

@@ -186,3 +186,26 @@ def test_the_readme_lora_example_runs():
     x = torch.randn(1, 4, 16, 16)
     with torch.no_grad():
         assert unet(x, torch.tensor([10]), torch.randn(1, 7, 384)).shape == x.shape
+
+
+class _Scaled(torch.Tensor):
+    """A weight tensor subclass that overrides F.linear (as torchao's quantized weights do)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, weight, *rest = args
+            return 2 * torch.nn.functional.linear(x, weight.as_subclass(torch.Tensor), *rest, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_a_weight_of_a_tensor_subclass_gets_the_op_it_overrides():
+    from layers import Linear
+
+    layer = Linear(16, 8)
+    x = torch.randn(70, 16)  # enough rows for the oneDNN path
+    with torch.no_grad():
+        plain = layer(x)
+        layer.weight = nn.Parameter(layer.weight.detach().as_subclass(_Scaled), requires_grad=False)
+        torch.testing.assert_close(layer(x).as_subclass(torch.Tensor), 2 * plain)
