@@ -163,7 +163,7 @@ class SpatialTransformer(nn.Module):
         for block, ctx in zip(self.transformer_blocks, contexts):
             tokens = block(tokens, ctx)
         h = self.proj_out(image_view(tokens, x.shape[2], x.shape[3]))
-        return add(h, x).contiguous(memory_format=memory_format_of(x))
+        return add(h.contiguous(memory_format=memory_format_of(x)), x)  # an add of like layouts is the fast one
 
 
 class AttentionBlock(nn.Module):
