@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from torch import nn
 
 from autoencoder.base import LatentAutoencoder, drop_training_params
 from autoencoder.config import DDConfig, ddconfig_from

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoencoder.config import DDConfig
-from layers import Conv2d, GroupNorm32, Upsample, add, attention, memory_format_of, silu
+from layers import Conv2d, GroupNorm32, Upsample, add, attention, from_tokens, memory_format_of, silu, to_tokens
 
 
 def normalize(channels: int, groups: int = 32) -> GroupNorm32:
@@ -45,13 +45,6 @@ class ResnetBlock(nn.Module):
         return add(h, self.nin_shortcut(x))
 
 
-def _tokens(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, H*W, 1, C]: one attention head over all positions (a free view of
-    channels_last memory, one copy for NCHW)."""
-    b, c, height, width = x.shape
-    return x.permute(0, 2, 3, 1).reshape(b, height * width, 1, c)
-
-
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions, with a residual connection.
 
@@ -68,11 +61,11 @@ class AttnBlock(nn.Module):
         self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, height, width = x.shape
         h = self.norm(x)
-        out = attention(_tokens(self.q(h)), _tokens(self.k(h)), _tokens(self.v(h)))
-        out = out.reshape(b, height, width, c).permute(0, 3, 1, 2)  # a channels_last view
-        return add(self.proj_out(out.contiguous(memory_format=memory_format_of(x))), x)
+        # One head over all positions: tokens [B, H*W, 1, C].
+        q, k, v = (to_tokens(conv(h)).unsqueeze(2) for conv in (self.q, self.k, self.v))
+        out = from_tokens(attention(q, k, v).squeeze(2), like=x)
+        return add(self.proj_out(out), x)
 
 
 class Downsample(nn.Module):

@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from layers.fused import memory_format_of
+
 BACKENDS = ("auto", "sdpa", "xformers", "reference")
 _backend = "auto"
 
@@ -92,3 +94,20 @@ def short_context_on_cpu(q: torch.Tensor, k: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and k.shape[1] <= SHORT_CONTEXT_MAX_KEYS
             and q.shape[-1] <= SHORT_CONTEXT_MAX_HEAD_DIM
             and b * heads * queries * k.shape[1] <= SHORT_CONTEXT_MAX_SCORES)
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H*W, C] (a free view of channels_last memory, one copy for NCHW)."""
+    b, c, height, width = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, height * width, c)
+
+
+def image_view(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, H*W, C] -> [B, C, H, W], a channels_last view of contiguous tokens."""
+    return tokens.reshape(tokens.shape[0], height, width, tokens.shape[-1]).permute(0, 3, 1, 2)
+
+
+def from_tokens(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B, H*W, C] -> [B, C, H, W] in the memory format of the image `like`."""
+    image = image_view(tokens, like.shape[2], like.shape[3])
+    return image.contiguous(memory_format=memory_format_of(like))

@@ -12,25 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from layers import Conv2d, Linear, add, attention, memory_format_of, runs_plain, zero_module
+from layers import (Conv2d, Linear, add, attention, from_tokens, image_view, memory_format_of, runs_plain, to_tokens,
+                    zero_module)
 from ldm.blocks import normalization
-
-
-def to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, H*W, C] (a free view of channels_last memory, one copy for NCHW)."""
-    b, c, height, width = x.shape
-    return x.permute(0, 2, 3, 1).reshape(b, height * width, c)
-
-
-def image_view(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[B, H*W, C] -> [B, C, H, W], a channels_last view of contiguous tokens."""
-    return tokens.reshape(tokens.shape[0], height, width, tokens.shape[-1]).permute(0, 3, 1, 2)
-
-
-def from_tokens(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[B, H*W, C] -> [B, C, H, W] in the memory format of the image `like`."""
-    image = image_view(tokens, like.shape[2], like.shape[3])
-    return image.contiguous(memory_format=memory_format_of(like))
 
 
 class CrossAttention(nn.Module):

@@ -16,7 +16,7 @@ trainable copy is the same code with the same parameter names.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -163,8 +163,6 @@ class UNetEncoder(nn.Module):
         super().__init__()
         check_config(config, type(self).__name__)
         self.config = config
-        self.model_channels = config.model_channels
-        self.num_classes = config.num_classes
         self.time_embed = nn.Sequential(Linear(config.model_channels, config.time_embed_dim), SiLU(),
                                         Linear(config.time_embed_dim, config.time_embed_dim))
         label_emb = label_embedding(config)
@@ -236,15 +234,15 @@ class UNetEncoder(nn.Module):
         timesteps: [batch] or a scalar, int or float; y as in `UNetModel.forward`. The result has the
         parameters' dtype.
         """
-        if (y is not None) != (self.num_classes is not None):
+        if (y is not None) != (self.config.num_classes is not None):
             raise ValueError(f"{type(self).__name__}: pass y (class labels) if and only if the model was built "
                              "with num_classes")
         dtype = self.dtype
         timesteps = torch.as_tensor(timesteps, device=device)
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(batch)
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
-        if self.num_classes is not None:
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        if self.config.num_classes is not None:
             emb = emb + self.label_emb(y).to(dtype)
         return emb
 
@@ -262,7 +260,6 @@ class UNetModel(UNetEncoder):
         elif params:
             raise ValueError("UNetModel: pass a UNetConfig or keyword arguments, not both")
         super().__init__(config)
-        self.out_channels = config.out_channels
         self._build_output_blocks()
         mc = config.model_channels
         self.out = nn.Sequential(normalization(mc * config.channel_mult[0]), SiLU(),

@@ -58,7 +58,7 @@ def test_ema_weights_swaps_in_and_restores_bit_exactly_with_the_modes():
         ema.shadow[1].running_var.fill_(4.0)
     live = {k: v.clone() for k, v in model.state_dict().items()}
     pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    with ema.swapped_into(model) as swapped:
+    with ema_weights(model, ema) as swapped:
         assert swapped is model and not any(m.training for m in model.modules())
         assert all(torch.equal(v, ema.shadow.state_dict()[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())

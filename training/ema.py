@@ -51,10 +51,6 @@ class EMA:
         load_state_dict_strict(self.shadow, state, source, what="the EMA copy")
         self.num_updates = num_updates
 
-    def swapped_into(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-        """`ema_weights(model, self)`: the EMA weights in `model` inside the block."""
-        return ema_weights(model, self)
-
 
 @contextlib.contextmanager
 def eval_mode(*modules: nn.Module) -> Iterator[None]:
