@@ -66,14 +66,24 @@ def renoise(x: Tensor, alpha_from: float, alpha_to: float, generators: Generator
 
 
 def repaint_path(steps: int, jump_length: int, resamples: int) -> list[int]:
-    """RePaint's schedule (Lugmayr et al. 2022) as level indices 0 .. steps (steps = done).
+    """RePaint's jump schedule (Lugmayr et al. 2022) as level indices 0 .. steps (steps = done).
 
-    After every `jump_length` denoising steps the state is diffused back up `jump_length` levels and
-    denoised again, `resamples - 1` extra times. resamples = 1 gives 0, 1, ..., steps.
+    Going down, at levels steps - 1, steps - 1 - jump_length, ... (counted from the clean end, while
+    at least `jump_length`) the state is diffused back up `jump_length` levels and denoised again,
+    `resamples - 1` times, so the last steps, where detail forms, are resampled; the step to done
+    never is (the paper's Algorithm 1 resamples only while t > 1). resamples = 1 gives 0, 1, ..., steps.
+
+    Mapping to RePaint's `get_schedule_jump` and diffusers' `RePaintScheduler.set_timesteps(steps,
+    jump_length, jump_n_sample)`: jump_length is the same; resamples is their jump_n_sample (the
+    paper's r or U: r - 1 extra passes); their list counts states from the clean end, level i here
+    being t = steps - 1 - i ("leading" timestep t * (T // steps) in diffusers) and done t = -1, which
+    diffusers leaves out; one jump here is their jump_length unit steps up. (diffusers' pipeline
+    reads the same list as the timesteps of its model calls, which puts every jump one step later,
+    from the finished sample back up; the original repository and this path read it as states.)
     """
     if jump_length < 1 or resamples < 1:
         raise ValueError(f"RePaint needs jump_length >= 1 and resamples >= 1, got {jump_length}, {resamples}")
-    jumps_left = {k: resamples - 1 for k in range(jump_length, steps, jump_length)}
+    jumps_left = {steps - 1 - k: resamples - 1 for k in range(0, steps - jump_length, jump_length)}
     path, i = [0], 0
     while i < steps:
         i += 1

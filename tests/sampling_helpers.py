@@ -24,3 +24,18 @@ def fixed_model(x, t):
 def gens(seed, n):
     """n per-image CPU generators seeded seed, seed + 1, ..."""
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def correlated_gaussian_model(schedule, cov):
+    """The exact eps network for images [B, C, d, P] whose columns (along dim -2) are independent
+    draws of N(0, cov), cov [d, d]: E[x0 | x_t] = sqrt(a) cov (a cov + (1 - a) I)^-1 x_t."""
+    cov = cov.double()
+
+    def model(x, t):
+        a = alpha_at(schedule, t).view(-1, 1, 1, 1)
+        eye = torch.eye(len(cov), dtype=torch.float64)
+        gain = a.sqrt() * cov @ torch.linalg.inv(a * cov + (1 - a) * eye)  # [B, 1, d, d]
+        x0 = gain @ x.double()
+        return ((x.double() - a.sqrt() * x0) / (1 - a).sqrt()).to(x.dtype)
+
+    return model
