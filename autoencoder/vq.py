@@ -156,14 +156,21 @@ class VectorQuantizer(nn.Module):
                 dist.all_reduce(sums)
             self.ema_cluster_size.mul_(self.ema_decay).add_(counts, alpha=1.0 - self.ema_decay)
             self.ema_embed_sum.mul_(self.ema_decay).add_(sums, alpha=1.0 - self.ema_decay)
-            total = self.ema_cluster_size.sum()
-            # Laplace smoothing keeps a never-used code from dividing by zero.
-            smoothed = (self.ema_cluster_size + self.ema_eps) / (total + self.n_embed * self.ema_eps) * total
-            self.embedding.weight.copy_(self.ema_embed_sum / smoothed[:, None])
         elif _distributed():
             dist.all_reduce(counts)
         if self.dead_code_steps > 0:
             self._reinit_dead_codes(flat, counts)
+        if self.codebook_ema:  # after any re-initialisation, so codebook and statistics always agree
+            self.embedding.weight.copy_(self.codebook_from_statistics())
+
+    @torch.no_grad()
+    def codebook_from_statistics(self) -> torch.Tensor:
+        """The codebook the EMA statistics give (codebook_ema only): running sums over Laplace-smoothed
+        running counts [n_embed, embed_dim]; after every training step the codebook equals it."""
+        total = self.ema_cluster_size.sum()
+        # Laplace smoothing keeps a never-used code from dividing by zero.
+        smoothed = (self.ema_cluster_size + self.ema_eps) / (total + self.n_embed * self.ema_eps) * total
+        return (self.ema_embed_sum / smoothed[:, None]).to(self.embedding.weight.dtype)
 
     @torch.no_grad()
     def _reinit_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
@@ -177,7 +184,7 @@ class VectorQuantizer(nn.Module):
         if _distributed():
             dist.broadcast(fresh, src=0)
         self.embedding.weight[dead] = fresh
-        if self.codebook_ema:
+        if self.codebook_ema:  # the codebook is then recomputed from these
             self.ema_embed_sum[dead] = fresh.float()
             self.ema_cluster_size[dead] = 1.0
         self.steps_since_used[dead] = 0

@@ -1,10 +1,12 @@
-"""EMA: the warm-up and its cap, buffers, and sampling with EMA weights without disturbing training."""
+"""EMA: the warm-up and its cap, buffers, an EMA-learned VQ codebook, and sampling with EMA weights
+without disturbing training."""
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from autoencoder_helpers import pattern_images, tiny_vq
 from torch import nn
 
 import train_stage2
@@ -12,6 +14,7 @@ from autoencoder import AutoencoderConfig, DDConfig, build_autoencoder
 from conditioning import TextEncoderConfig
 from data import DataConfig, build_dataset
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from common.weights import load_weights, save_weights
 from ldm.unet import UNetConfig
 from training import EMA, TrainConfig, ema_weights, train
 
@@ -46,6 +49,30 @@ def test_buffers_are_copied_not_averaged():
     ema.update(model)
     assert torch.equal(ema.shadow.running_mean, model.running_mean)
     assert ema.shadow.num_batches_tracked.item() == 7
+
+
+def test_ema_vq_codebook_agrees_with_its_statistics(tmp_path):
+    # The codebook is learned by EMA k-means updates (no gradient): the EMA copy takes it live with
+    # the running sums and counts it is computed from, so an exported EMA model is self-consistent.
+    model = tiny_vq(codebook_ema=True, ema_decay=0.5, dead_code_steps=1).train()  # codes re-initialised every step
+    ema = EMA(model, decay=0.9)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = pattern_images(2)
+    for _ in range(3):
+        x_hat, q_loss, _ = model(x)
+        optimizer.zero_grad()
+        ((x_hat - x).abs().mean() + q_loss).backward()
+        optimizer.step()
+        ema.update(model)
+        assert torch.equal(model.quantize.embedding.weight, model.quantize.codebook_from_statistics())
+    save_weights(ema.state_dict(), tmp_path / "ema.safetensors")
+    exported = tiny_vq(codebook_ema=True)
+    exported.load_state_dict(load_weights(tmp_path / "ema.safetensors"))
+    quantizer = exported.quantize
+    assert torch.equal(quantizer.embedding.weight, quantizer.codebook_from_statistics())
+    assert torch.equal(quantizer.embedding.weight, model.quantize.embedding.weight)
+    # The trained weights are still averaged, not copied.
+    assert not torch.equal(exported.encoder.conv_in.weight, model.encoder.conv_in.weight)
 
 
 def test_ema_weights_swaps_in_and_restores_bit_exactly_with_the_modes():

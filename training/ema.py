@@ -16,7 +16,9 @@ class EMA:
     """Keeps `shadow`, a frozen copy of `model` whose weights trail the model's.
 
     decay_n = min(decay, (1 + n) / (10 + n)) so early averages are not dominated by the random init.
-    Buffers (e.g. BatchNorm statistics) are copied, not averaged.
+    Only what the optimizer trains (parameters that require grad) is averaged. Buffers (e.g. BatchNorm
+    statistics) and the other parameters are copied: frozen ones do not change, and one a module sets
+    itself, like a VQ codebook learned by EMA k-means updates, must stay what its statistics (buffers) give.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999):
@@ -31,14 +33,16 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Move the shadow's parameters towards `model`'s and copy its buffers."""
+        """Move the shadow's trained parameters towards `model`'s and copy the rest."""
         decay = self.current_decay()
         self.num_updates += 1
-        ema_params = [p for p in self.shadow.parameters()]
-        params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        for ema_buf, buf in zip(self.shadow.buffers(), model.buffers()):
-            ema_buf.copy_(buf)
+        averaged, copied = [], list(zip(self.shadow.buffers(), model.buffers()))
+        for ema_p, p in zip(self.shadow.parameters(), model.parameters()):
+            (averaged if p.requires_grad else copied).append((ema_p, p.detach()))
+        if averaged:  # (the fused lerp refuses empty lists)
+            torch._foreach_lerp_([ema_p for ema_p, _ in averaged], [p for _, p in averaged], 1.0 - decay)
+        for ema_t, t in copied:
+            ema_t.copy_(t)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The shadow's weights (keys as in the followed model's state dict)."""
