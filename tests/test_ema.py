@@ -11,10 +11,10 @@ from torch import nn
 
 import train_stage2
 from autoencoder import AutoencoderConfig, DDConfig, build_autoencoder
+from common.weights import load_weights, save_weights
 from conditioning import TextEncoderConfig
 from data import DataConfig, build_dataset
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
-from common.weights import load_weights, save_weights
 from ldm.unet import UNetConfig
 from training import EMA, TrainConfig, ema_weights, train
 
