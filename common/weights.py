@@ -4,12 +4,21 @@ Weights are safetensors; optimizer and trainer state are `torch.save` files read
 `weights_only=True`, so no pickle from a user's file is ever executed. Every write goes to a
 temporary name first and is renamed into place, so a crash never leaves a half-written file
 where a good one was.
+
+Every file written here is byte-reproducible: the same tensors and metadata give the same bytes in
+any process, so a file's sha256 names its content (a ControlNet records its stage-2 model's, and a
+`--resume` that rewrites an unchanged model must not look like another model). Two things stood in
+the way: safetensors serialises its metadata from a Rust HashMap, whose order is random per map, so
+`_canonical_header` rewrites the header with sorted keys after `save_file`; and `torch.save` to a
+path names the zip's records after the file, here a random temporary name, so `save_torch` writes
+through a file object (records under `archive/`, as torch names them for any stream).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -36,11 +45,42 @@ class CheckpointError(RuntimeError, ValueError):
 
 
 def save_weights(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, Any] | None = None) -> None:
-    """Write `tensors` to `path` as safetensors, atomically. `metadata` values are JSON-encoded."""
+    """Write `tensors` to `path` as safetensors, atomically and byte-reproducibly.
+
+    `metadata` values are JSON-encoded with sorted keys, so equal dicts give equal bytes whatever
+    order they were built in.
+    """
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    meta = {k: json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}
+    atomic_write(path, lambda tmp: _save_safetensors(tensors, tmp, meta))
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None) -> None:
+    """`save_file`, then its header made canonical (see `_canonical_header`)."""
+    save_file(tensors, path, metadata=metadata)
+    _canonical_header(path)
+
+
+def _canonical_header(path: str) -> None:
+    """Rewrite a safetensors file's JSON header in place in one order: metadata first with its keys
+    sorted, then the tensors in the order of their data (which safetensors fixes by dtype and name).
+
+    The header holds the same text in another order, so it has the same length and the data offsets
+    stay valid; it is padded with spaces to its old length, as safetensors pads it.
+    """
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        metadata = header.pop("__metadata__", None)
+        ordered = dict(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+        if metadata is not None:
+            ordered = {"__metadata__": dict(sorted(metadata.items())), **ordered}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:  # cannot happen for serde_json's compact output; never write a broken file
+            raise CheckpointError(f"{path}: the canonical safetensors header is longer than the written one")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -135,7 +175,7 @@ def cast_weights_file(source: str | Path, target: str | Path, dtype: torch.dtype
         raise CheckpointError(f"{source}: {len(overflow)} tensors do not fit {dtype} (e.g. {overflow[0]})")
     with safe_open(str(source), framework="pt") as f:
         raw_metadata = f.metadata()  # copied as stored: not every writer's values are JSON
-    atomic_write(Path(target), lambda tmp: save_file(tensors, tmp, metadata=raw_metadata))
+    atomic_write(Path(target), lambda tmp: _save_safetensors(tensors, tmp, raw_metadata))
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -144,8 +184,16 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
-    """`torch.save` to a temporary file, then rename."""
-    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+    """`torch.save` to a temporary file, then rename; the same object gives the same bytes.
+
+    Saved through a file object: given a path, torch names the zip's records after the file's stem,
+    which here is the random temporary name. Reproducible as long as `obj` pickles in a fixed order
+    (dicts and lists do; a set of strings would not, its order follows PYTHONHASHSEED).
+    """
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    atomic_write(Path(path), write)
 
 
 def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
