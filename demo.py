@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from common.cli import ArgumentParser, run
+from ldm.generation import check_output_folder
 
 ROOT = Path(__file__).resolve().parent
 MODEL_DIR = ROOT / "models" / "default"
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in (model, controlnet):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; train it with scripts/train_default_model.sh")
+    check_output_folder(args.out, "--out")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.txt"

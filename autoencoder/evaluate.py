@@ -21,15 +21,18 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from autoencoder.model_file import load_autoencoder
+from autoencoder.config import AutoencoderConfig
+from autoencoder.model_file import load_autoencoder, read_autoencoder_config
 from autoencoder.perceptual import BACKBONE_FILES, DOWNLOAD_URL, LPIPS, default_backbone_path
 from common.cli import ArgumentParser, run
+from common.weights import write_text_atomic
 from data import build_dataset
 from metrics.eval_data import data_config, iterate_batches, subset_size
 from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
@@ -37,6 +40,8 @@ from metrics.image_quality import psnr, ssim, to_unit_range
 from metrics.shapes_judge import ShapesJudge, adherence
 
 log = logging.getLogger("autoencoder.evaluate")
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes (it would wrap negative seeds onto it)
+MAX_SIZE_FACTOR = 8  # --size may be up to this many times the training resolution (a bound against typos)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="autoencoder.safetensors written by train_stage1.py")
     parser.add_argument("--data", required=True,
                         help="source name (shapes, emoji, fashion-mnist) or folder / shard pattern")
-    parser.add_argument("--n", type=int, default=500, help="held-out images (default 500)")
-    parser.add_argument("--size", type=int, help="image size (default: the model's ddconfig.resolution)")
+    parser.add_argument("--n", type=int, default=500, help="held-out images, at least 2 (default 500)")
+    parser.add_argument("--size", type=int, help="image size, a multiple of the autoencoder's downsampling up to 8x "
+                                                 "its training resolution (default: its ddconfig.resolution)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="picks the subset of held-out images")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="picks the subset of held-out images (0 .. 2**64 - 1)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--lpips-net", default="vgg", choices=sorted(BACKBONE_FILES),
                         help="LPIPS backbone (default vgg)")
     parser.add_argument("--lpips-path",
@@ -89,13 +95,55 @@ def codebook_statistics(counts: torch.Tensor) -> dict:
             "perplexity": float(entropy.exp())}
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Run the evaluation `args` describes (see `build_parser`) and return the results dict."""
+def check_args(args: argparse.Namespace) -> int:
+    """Everything about the command line that can be checked before the model, data and Inception load;
+    returns the image size. Each problem is a one-line error naming its flag."""
+    if args.n < 2:
+        raise ValueError(f"--n must be at least 2 (rFID needs a covariance), got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be an integer in [0, 2**64 - 1], got {args.seed}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device available")
+    check_out(args.out)
+    data_config(args.data, args.size or 64, "test")  # an unknown source or a missing folder
+    cfg, _ = read_autoencoder_config(args.checkpoint)
+    size = cfg.ddconfig.resolution if args.size is None else args.size
+    check_size(size, cfg)
+    return size
+
+
+def check_size(size: int, cfg: AutoencoderConfig) -> None:
+    """Sides must be multiples of the autoencoder's downsampling (the decoder gives back a multiple; PSNR
+    needs the input's size), and at most MAX_SIZE_FACTOR x its training resolution."""
+    factor = 2 ** (len(cfg.ddconfig.ch_mult) - 1)  # as the autoencoder's downsample_factor
+    if size < 1 or size % factor:
+        raise ValueError(f"--size must be a positive multiple of {factor} (the autoencoder's downsampling), "
+                         f"got {size}")
+    largest = MAX_SIZE_FACTOR * cfg.ddconfig.resolution // factor * factor
+    if size > largest:
+        raise ValueError(f"--size {size} is above this autoencoder's limit of {largest} ({MAX_SIZE_FACTOR}x its "
+                         f"training resolution {cfg.ddconfig.resolution})")
+
+
+def check_out(path: Path) -> None:
+    """--out must be a file this process can write, checked before the evaluation runs rather than after.
+    (ldm.generation.check_output_file does the same above this package; common/ would be their place.)"""
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give the name of the file to write, e.g. {path / 'results.json'}")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: {folder} is not a writable folder")
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run the evaluation `args` describes (see `build_parser`) and return the results dict."""
+    size = check_args(args)
     model, cfg, _ = load_autoencoder(args.checkpoint)
     model = model.to(args.device)
-    size = args.size or cfg.ddconfig.resolution
     test_set = build_dataset(data_config(args.data, size, "test"))
     n = subset_size(test_set, args.n)
     lpips, lpips_note = _try_lpips(args.lpips_net, args.lpips_path, args.device)
@@ -155,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     results = evaluate(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: results[k] for k in ("n", "psnr", "ssim", "lpips", "rfid", "codebook", "shapes")}, indent=2))
     print(f"wrote {args.out}")
     return results

@@ -12,20 +12,43 @@ from common.config import from_dict
 from common.weights import CheckpointError, load_state_dict_strict, load_weights, read_metadata, save_weights
 
 
+FILE_FORMAT = "ldm-stage1"
+# What each weights file of this project says it is (its "format" metadata), so that a loader handed
+# another one can name it. The formats above stage 1 are written in ldm/ (latent_diffusion.py,
+# controlnet.py, original_format.py); stage 1 is the lowest package with a model file, so the list is here.
+FILE_DESCRIPTIONS = {
+    FILE_FORMAT: "a stage-1 autoencoder file written by train_stage1.py",
+    "ldm-stage2": "a stage-2 model file written by train_stage2.py",
+    "ldm-controlnet": "a ControlNet file written by train_controlnet.py",
+    "ldm-original": "an original-format model file written by ldm.original_format.export_original",
+}
+
+
 def save_autoencoder(model: nn.Module, cfg: AutoencoderConfig, path: str | Path, scale_factor: float) -> None:
     """Write `model`'s weights to `path` (safetensors) with `cfg` and `scale_factor` in the metadata."""
-    save_weights(model.state_dict(), path, {"format": "ldm-stage1", "config": asdict(cfg), "scale_factor": scale_factor})
+    save_weights(model.state_dict(), path, {"format": FILE_FORMAT, "config": asdict(cfg), "scale_factor": scale_factor})
+
+
+def read_autoencoder_config(path: str | Path) -> tuple[AutoencoderConfig, float]:
+    """(config, latent scale factor) of a file written by `save_autoencoder`, without reading its weights.
+    A CheckpointError says what the file is when it is another kind (e.g. a stage-2 model file)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    meta = read_metadata(path) if str(path).endswith(".safetensors") else {}
+    found = meta.get("format")
+    if found != FILE_FORMAT:
+        what = FILE_DESCRIPTIONS.get(found) if isinstance(found, str) else None
+        if what:
+            raise CheckpointError(f"{path} is {what}, not a stage-1 autoencoder file (train_stage1.py's "
+                                  "autoencoder.safetensors)")
+        raise CheckpointError(f"{path}: not a stage-1 autoencoder file written by train_stage1.py "
+                              "(no ldm-stage1 metadata)")
+    return from_dict(AutoencoderConfig, meta["config"], source=str(path)), float(meta["scale_factor"])
 
 
 def load_autoencoder(path: str | Path) -> tuple[nn.Module, AutoencoderConfig, float]:
     """(model in eval mode, its config, latent scale factor) from a file written by `save_autoencoder`."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    meta = read_metadata(path) if str(path).endswith(".safetensors") else {}
-    if meta.get("format") != "ldm-stage1":
-        raise CheckpointError(f"{path}: not a stage-1 autoencoder file written by train_stage1.py "
-                              "(no ldm-stage1 metadata)")
-    cfg = from_dict(AutoencoderConfig, meta["config"], source=str(path))
+    cfg, scale_factor = read_autoencoder_config(path)
     model = build_autoencoder(cfg)
     load_state_dict_strict(model, load_weights(path), path, what="the autoencoder its metadata describes")
-    return model.eval(), cfg, float(meta["scale_factor"])
+    return model.eval(), cfg, scale_factor

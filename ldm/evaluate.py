@@ -33,9 +33,11 @@ import torch
 from PIL import Image
 
 from data import build_dataset
-from ldm.generation import SAMPLERS, generate_latents, read_prompt_lines
+from ldm.diffusion import Diffusion
+from ldm.generation import (SAMPLERS, SizeLimits, check_output_file, check_output_folder, generate_latents,
+                            read_prompt_lines)
 from ldm.latent_diffusion import LatentDiffusion
-from ldm.sampling_options import SamplingOptions
+from ldm.sampling_options import MAX_SEED, OptionError, SamplingOptions
 from metrics.clip_score import DEFAULT_ARCH, DEFAULT_WEIGHTS, try_load_clip_scorer
 from metrics.eval_data import data_config, iterate_batches, subset_size
 from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
@@ -45,6 +47,9 @@ from common.cli import ArgumentParser, run
 
 log = logging.getLogger("ldm.evaluate")
 HELD_OUT_CAPTIONS = "held-out captions (test split)"
+# The flag of each sampling setting the command line sets, so that an error names what the user typed.
+FLAGS = {"sampler": "--sampler", "steps": "--steps", "guidance": "--cfg", "seed": "--seed", "height": "--size",
+         "width": "--size"}
 
 
 class Evaluator:
@@ -211,14 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
                                               "split (needed for webdataset shards, which have no splits)")
     parser.add_argument("--prompts", type=Path, help="text file, one prompt per line, used (cyclically) instead of "
                                                      "the held-out captions")
-    parser.add_argument("--n", type=int, default=500, help="images per set (default 500)")
-    parser.add_argument("--size", type=int, help="image size (default: from the model config, else 64)")
+    parser.add_argument("--n", type=int, default=500, help="images per set, at least 2 (default 500)")
+    parser.add_argument("--size", type=int, help="image size, a multiple of the model's downsampling up to 8x its "
+                                                 "training size (default: from the model config, else 64)")
     parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="0 .. 2**64 - 1; image i uses --seed + i")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--clip-arch", default=DEFAULT_ARCH)
     parser.add_argument("--clip-weights", default=DEFAULT_WEIGHTS, help="open_clip tag (must be cached) or file")
     parser.add_argument("--no-clip", action="store_true", help="skip the CLIP score")
@@ -235,9 +241,12 @@ def _per_batch(count: int, batches: int) -> int | float:
 def _image_size(model: LatentDiffusion, requested: int | None) -> int:
     if requested:
         return requested
-    if model.cfg.unet.image_size:
-        return model.cfg.unet.image_size * model.latent_factor
-    return 64
+    return _default_size(model.cfg.unet.image_size, model.latent_factor)
+
+
+def _default_size(latent_size: int | None, latent_factor: int) -> int:
+    """The model's training size (its U-Net's image_size in latent pixels), else 64."""
+    return latent_size * latent_factor if latent_size else 64
 
 
 def _save_pngs(images: torch.Tensor, directory: Path, first_index: int) -> None:
@@ -247,14 +256,46 @@ def _save_pngs(images: torch.Tensor, directory: Path, first_index: int) -> None:
         Image.fromarray(picture).save(directory / f"{first_index + offset:05d}.png")
 
 
+def check_args(args: argparse.Namespace) -> int:
+    """Everything about the command line that can be checked before the model, data and Inception load;
+    returns the image size. Each problem is a one-line error naming its flag."""
+    if args.n < 2:
+        raise ValueError(f"--n must be at least 2 (FID needs a covariance), got {args.n}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.size is not None and args.size < 1:
+        raise ValueError(f"--size must be positive, got {args.size}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device available")
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    check_output_file(args.out, "--out")
+    if args.save_images:
+        check_output_folder(args.save_images, "--save-images")
+    if args.prompts:
+        read_prompt_lines(args.prompts, "--prompts file")
+    data_config(args.data, args.size or 64, "test")  # an unknown source or a missing folder
+    cfg, autoencoder_cfg, _ = LatentDiffusion.read_configs(args.checkpoint)
+    limits = SizeLimits.of(cfg, autoencoder_cfg)
+    size = args.size or _default_size(cfg.unet.image_size, limits.latent_factor)
+    limits.check(size, "--size")
+    try:
+        options = SamplingOptions(sampler=args.sampler, steps=args.steps, guidance=args.cfg, seed=args.seed,
+                                  height=size, width=size)
+        options.resolve(Diffusion.from_config(cfg.diffusion).schedule)
+    except OptionError as e:
+        raise e.for_flags(FLAGS) from None
+    if args.seed + args.n - 1 > MAX_SEED:
+        raise ValueError(f"--seed {args.seed} with --n {args.n}: the last image's seed would be past 2**64 - 1")
+    return size
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the evaluation `args` describes (see `build_parser`) and return the results dict."""
-    for name in ("n", "steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    size = check_args(args)
     model = LatentDiffusion.load(args.checkpoint, device=args.device)
     evaluator = Evaluator(model, args.data, n=args.n, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                          size=args.size, prompts=args.prompts, train_data=args.train_data,
+                          size=size, prompts=args.prompts, train_data=args.train_data,
                           clip=None if args.no_clip else (args.clip_arch, args.clip_weights),
                           checkpoint=str(args.checkpoint))
     return evaluator.run(args.sampler, args.steps, args.cfg, save_images=args.save_images)

@@ -9,22 +9,29 @@ generator seeded seed + i, so it equals what seed + i gives alone, on any device
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from autoencoder import AutoencoderConfig
+from autoencoder.config import ddconfig_from
 from .controlnet import Control, ControlledModel
 from .denoiser import Denoiser
 from .guidance import ClassifierFreeGuidance
+from .latent_diffusion import LatentDiffusionConfig
 from .samplers import SAMPLERS, randn, randn_like, repaint_path
-from .sampling_options import SamplingOptions
+from .sampling_options import MAX_SEED, OptionError, SamplingOptions
 
-__all__ = ["SAMPLERS", "Control", "SamplingOptions", "generate_latents", "latent_mask", "read_prompt_lines",
-           "sample_latents"]
+__all__ = ["SAMPLERS", "Control", "SamplingOptions", "SizeLimits", "check_output_file", "check_output_folder",
+           "generate_latents", "latent_mask", "read_prompt_lines", "sample_latents"]
+
+# Command lines refuse image sides above this many times the training size (see `SizeLimits`).
+MAX_SIZE_FACTOR = 8
 
 
 def sample_latents(
@@ -103,14 +110,109 @@ def _check_latent_inputs(options: SamplingOptions, shape: Sequence[int], generat
 
 
 def read_prompt_lines(path: str | Path, label: str = "prompts file") -> list[str]:
-    """The prompts in a text file, one per non-empty line (stripped); `label` names the file in errors."""
+    """The prompts in a text file, one per non-empty line (stripped); `label` names the file in errors.
+    The file must be UTF-8 (a byte-order mark is dropped, not made part of the first prompt)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{label} not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ValueError(f"{label} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} on line {line}); "
+                         "save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{label} {path} holds no prompts")
     return prompts
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """The image sides a model can draw, read from its configs alone, so a command line can check a size
+    before it loads any weights.
+
+    multiple: sides must be multiples of the autoencoder's downsampling times the U-Net's (every U-Net
+        level but the last halves the latents, and the skip connections need the same sizes back up).
+    training_size: the side the U-Net was trained at (its `image_size` in latent pixels), else SD's 512.
+    largest: MAX_SIZE_FACTOR x training_size, rounded down to a multiple. Not a memory estimate: a bound
+        that turns a typo (--size 100000 asks for tens of GB) into an error before anything runs; what
+        fits below it depends on the machine.
+    """
+
+    latent_factor: int
+    unet_factor: int
+    training_size: int
+
+    @classmethod
+    def of(cls, cfg: LatentDiffusionConfig, autoencoder_cfg: AutoencoderConfig) -> SizeLimits:
+        latent_factor = 2 ** (len(ddconfig_from(autoencoder_cfg.ddconfig).ch_mult) - 1)  # as the autoencoder's
+        latent_size = cfg.unet.image_size
+        return cls(latent_factor, 2 ** (len(cfg.unet.channel_mult) - 1),
+                   latent_size * latent_factor if latent_size else 512)
+
+    @property
+    def multiple(self) -> int:
+        return self.latent_factor * self.unet_factor
+
+    @property
+    def largest(self) -> int:
+        return MAX_SIZE_FACTOR * self.training_size // self.multiple * self.multiple
+
+    def check(self, side: int, what: str = "--size") -> None:
+        """A one-line ValueError naming `what` unless `side` is a multiple in [multiple, largest]."""
+        if side < 1 or side % self.multiple:
+            raise ValueError(f"{what} must be a positive multiple of {self.multiple} for this model "
+                             f"({self._factors}), got {side}")
+        if side > self.largest:
+            raise ValueError(f"{what} {side} is above this model's limit of {self.largest} ({self._training})")
+
+    def check_image(self, height: int, width: int, what: str) -> None:
+        """As `check`, for an image that sets the output size; `what` names it."""
+        if height % self.multiple or width % self.multiple:
+            raise ValueError(f"{what} is {width}x{height}: its sides must be multiples of {self.multiple} for this "
+                             f"model ({self._factors}); resize it")
+        if max(height, width) > self.largest:
+            raise ValueError(f"{what} is {width}x{height}, above this model's limit of {self.largest} per side "
+                             f"({self._training}); resize it")
+
+    @property
+    def _factors(self) -> str:
+        return f"autoencoder factor {self.latent_factor} x the U-Net's downsampling {self.unet_factor}"
+
+    @property
+    def _training(self) -> str:
+        return f"{MAX_SIZE_FACTOR}x the {self.training_size} pixels it was trained at"
+
+
+def check_output_folder(path: str | Path, flag: str = "--out") -> None:
+    """A one-line ValueError naming `flag` unless `path` is a folder this process can write into, or one it
+    can create: checked before any work, so that a typo costs nothing and no run dies at its first write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder")
+    _check_writable_parent(path, flag)
+
+
+def check_output_file(path: str | Path, flag: str = "--out") -> None:
+    """As `check_output_folder`, for a file to be written (or replaced) at `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give the name of the file to write, e.g. {path / 'results.json'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path} is not writable")
+    _check_writable_parent(path.parent, flag)
+
+
+def _check_writable_parent(folder: Path, flag: str) -> None:
+    """The nearest existing folder of `folder` (itself, or where it would be created) must take new files."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: folder {existing} is not writable")
 
 
 def latent_mask(mask: Tensor, latent_size: tuple[int, int]) -> Tensor:
@@ -175,6 +277,8 @@ def generate_latents(
     batch = len(prompts)
     if batch == 0:
         raise ValueError("no prompts given")
+    if options.seed + batch - 1 > MAX_SEED:
+        raise OptionError("seed", f"seed {options.seed} + {batch - 1} (the batch's last image) is past 2**64 - 1")
     height, width = _output_size(model, options)
     negatives = _as_list(options.negative, batch, "negative prompts")
     init_image = _batched(init_image, batch, "init_image", (3, height, width))
@@ -206,11 +310,11 @@ def _output_size(model, options: SamplingOptions) -> tuple[int, int]:
     height, width = options.height, options.width
     if height is None or width is None:
         raise ValueError("generate_latents needs the output size: height and width")
-    factor = model.latent_factor * 2 ** (len(model.cfg.unet.channel_mult) - 1)
-    if height % factor or width % factor:
-        raise ValueError(f"height and width must be positive multiples of {factor} for this model "
-                         f"(autoencoder factor {model.latent_factor} times the U-Net's downsampling), "
-                         f"got {height}x{width}")
+    limits = SizeLimits.of(model.cfg, model.autoencoder_cfg)
+    if height % limits.multiple or width % limits.multiple:
+        raise ValueError(f"height and width must be positive multiples of {limits.multiple} for this model "
+                         f"(autoencoder factor {limits.latent_factor} times the U-Net's downsampling "
+                         f"{limits.unet_factor}), got {height}x{width}")
     return height, width
 
 

@@ -13,11 +13,14 @@ import torch
 from torch import nn
 
 from autoencoder import AutoencoderConfig, build_autoencoder
+from autoencoder.model_file import FILE_DESCRIPTIONS
 from common.config import from_dict
 from common.weights import CheckpointError, load_state_dict_strict, load_weights, read_metadata, save_weights
 from conditioning import TextEncoderConfig, build_text_encoder
 from ldm.diffusion import Diffusion, DiffusionConfig
 from ldm.unet import UNetConfig, UNetModel
+
+FILE_FORMAT = "ldm-stage2"
 
 
 def check_text_to_image_unet(unet: UNetConfig, source: str = "config") -> None:
@@ -111,22 +114,35 @@ class LatentDiffusion(nn.Module):
         if self._stores_text_encoder():
             tensors.update({f"text_encoder.{k}": v for k, v in (text_state or self.text_encoder.state_dict()).items()})
         tensors.update({f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()})
-        save_weights(tensors, path, {"format": "ldm-stage2", "config": asdict(self.cfg),
+        save_weights(tensors, path, {"format": FILE_FORMAT, "config": asdict(self.cfg),
                                      "autoencoder": asdict(self.autoencoder_cfg), "scale_factor": self.scale_factor})
 
     def _stores_text_encoder(self) -> bool:
         trains = any(p.requires_grad for p in self.text_encoder.parameters())
         return trains or self.cfg.text.kind == "transformer" or not self.cfg.text.pretrained
 
+    @staticmethod
+    def read_configs(path: str | Path) -> tuple[LatentDiffusionConfig, AutoencoderConfig, float]:
+        """(config, autoencoder config, scale factor) of a file written by `save`, without its weights;
+        a file of another kind is a CheckpointError that says what it is."""
+        meta = read_metadata(path)
+        found = meta.get("format")
+        if found != FILE_FORMAT:
+            what = FILE_DESCRIPTIONS.get(found) if isinstance(found, str) else None
+            if what:
+                raise CheckpointError(f"{path} is {what}, not a stage-2 model file (train_stage2.py's "
+                                      "model.safetensors)")
+            raise CheckpointError(f"{path}: not a stage-2 model file written by train_stage2.py "
+                                  "(no ldm-stage2 metadata)")
+        cfg = from_dict(LatentDiffusionConfig, meta["config"], source=str(path))
+        ae_cfg = from_dict(AutoencoderConfig, meta["autoencoder"], source=str(path))
+        return cfg, ae_cfg, meta["scale_factor"]
+
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> LatentDiffusion:
         """Rebuild a model written by `save`; a file of another kind is a clear CheckpointError."""
-        meta = read_metadata(path)
-        if meta.get("format") != "ldm-stage2":
-            raise CheckpointError(f"{path}: not a stage-2 model file written by train_stage2.py (no ldm-stage2 metadata)")
-        cfg = from_dict(LatentDiffusionConfig, meta["config"], source=str(path))
-        ae_cfg = from_dict(AutoencoderConfig, meta["autoencoder"], source=str(path))
-        model = cls(cfg, build_autoencoder(ae_cfg), ae_cfg, meta["scale_factor"])
+        cfg, ae_cfg, scale_factor = cls.read_configs(path)
+        model = cls(cfg, build_autoencoder(ae_cfg), ae_cfg, scale_factor)
         weights = load_weights(path)
         for prefix, module in (("unet.", model.unet), ("autoencoder.", model.autoencoder),
                                ("text_encoder.", model.text_encoder)):

@@ -10,6 +10,8 @@ assigned, so an SD-size file never sits in memory twice.
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +21,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from autoencoder import AutoencoderConfig, build_autoencoder
+from autoencoder.model_file import FILE_DESCRIPTIONS
+from autoencoder.model_file import FILE_FORMAT as STAGE1_FORMAT
 from common.weights import CheckpointError, load_state_dict_strict, load_torch, read_metadata, save_weights
+from ldm.controlnet import FILE_FORMAT as CONTROLNET_FORMAT
+from ldm.latent_diffusion import FILE_FORMAT as STAGE2_FORMAT
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.original_config import OriginalModelConfig, parse_original_config, write_original_config
 
@@ -35,6 +41,7 @@ SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_
                  "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "scale_factor", "model_ema.decay",
                  "model_ema.num_updates")
 DROPPED_SUFFIXES = ("embeddings.position_ids",)  # a constant that newer transformers no longer stores
+EXPORT_FORMAT = "ldm-original"
 
 
 def ema_key(unet_key: str) -> str:
@@ -242,17 +249,114 @@ def export_original(model: LatentDiffusion, path: str | Path, unet_state: dict[s
     for k, v in original_state_dict(model, unet_state):
         v = v.detach()
         tensors[k] = v.to(dtype) if dtype is not None and v.is_floating_point() and v.ndim > 0 else v
-    save_weights(tensors, path, {"format": "ldm-original"})
+    save_weights(tensors, path, {"format": EXPORT_FORMAT})
     config_path = Path(config_path) if config_path else path.with_suffix(".yaml")
     write_original_config(config_path, model.cfg, model.autoencoder_cfg, model.scale_factor,
                           model.text_encoder.context_dim)
     return config_path
 
 
-def is_original_checkpoint(path: str | Path) -> bool:
-    """True unless `path` is a stage-2 file written by `LatentDiffusion.save` (ldm-stage2 metadata)."""
+# -- what a weights file is ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileKind:
+    """What a weights file holds, as far as choosing a loader goes.
+
+    description: what the file is, for messages ("{path} is {description}").
+    model: a whole text-to-image model (a stage-2 file or an original SD / LDM checkpoint).
+    controlnet: ControlNet weights (a ControlNet file, or an original checkpoint holding one).
+    """
+
+    description: str
+    model: bool = False
+    controlnet: bool = False
+
+
+STAGE2_FILE = FileKind(FILE_DESCRIPTIONS[STAGE2_FORMAT], model=True)
+ORIGINAL_FILE = FileKind("an original SD / LDM checkpoint", model=True)
+CONTROL_LDM_FILE = FileKind("an original ControlNet checkpoint with its base model", model=True, controlnet=True)
+CONTROLNET_FILE = FileKind(FILE_DESCRIPTIONS[CONTROLNET_FORMAT], controlnet=True)
+ORIGINAL_CONTROLNET_FILE = FileKind("an original ControlNet file", controlnet=True)
+STAGE1_FILE = FileKind(FILE_DESCRIPTIONS[STAGE1_FORMAT])
+VAE_FILE = FileKind("an autoencoder (VAE) weights file")
+UNKNOWN_FILE = FileKind("not a model file of a known kind (no ldm-* metadata, and none of the original key "
+                        f"prefixes {UNET_PREFIX}, {CONTROL_PREFIX}, encoder. / decoder.)")
+# Files of this project say what they are in their metadata; other files are told by their keys.
+FORMAT_KINDS = {STAGE2_FORMAT: STAGE2_FILE, EXPORT_FORMAT: FileKind(FILE_DESCRIPTIONS[EXPORT_FORMAT], model=True),
+                CONTROLNET_FORMAT: CONTROLNET_FILE, STAGE1_FORMAT: STAGE1_FILE}
+
+
+def model_file_kind(path: str | Path) -> FileKind:
+    """What the weights file at `path` holds, from its metadata or, for original files, its key prefixes
+    (for a .ckpt that means opening its pickle; no tensor is read)."""
     path = Path(path)
-    return path.suffix != ".safetensors" or read_metadata(path).get("format") != "ldm-stage2"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    stat = path.stat()
+    return _file_kind(path, stat.st_mtime_ns, stat.st_size)
+
+
+# Callers look twice (a command line before it loads, then the loader); opening a legacy .ckpt pickle
+# reads all of it. Keyed by the file's time and size too, so a rewritten file is looked at again.
+@functools.lru_cache(maxsize=8)
+def _file_kind(path: Path, mtime_ns: int, size: int) -> FileKind:
+    if path.suffix == ".safetensors":
+        found = read_metadata(path).get("format")
+        if isinstance(found, str) and found in FORMAT_KINDS:
+            return FORMAT_KINDS[found]
+    keys = TensorFile(path).keys()
+
+    def has(*prefixes: str) -> bool:
+        return any(key.startswith(prefixes) for key in keys)
+
+    if has(UNET_PREFIX):  # ControlNet 1.0 releases hold the whole base model beside control_model.*
+        return CONTROL_LDM_FILE if has(CONTROL_PREFIX) else ORIGINAL_FILE
+    if has(CONTROL_PREFIX, "input_hint_block."):
+        return ORIGINAL_CONTROLNET_FILE
+    if has("encoder.", "decoder.", AUTOENCODER_PREFIX):
+        return VAE_FILE
+    return UNKNOWN_FILE
+
+
+MODEL_FILES = "a stage-2 model file (train_stage2.py's model.safetensors) or an original SD checkpoint"
+
+
+def check_model_file(path: str | Path) -> FileKind:
+    """The kind of `path`; a CheckpointError naming it unless it holds a whole text-to-image model."""
+    kind = model_file_kind(path)
+    if not kind.model:
+        raise CheckpointError(f"{path} is {kind.description}; a text-to-image model is {MODEL_FILES}")
+    return kind
+
+
+def _original_yaml(checkpoint: Path, config: str | Path | None) -> str | Path:
+    """`config`, or without one the YAML of the same name beside the checkpoint (as `export_original` writes)."""
+    if config is not None:
+        return config
+    beside = checkpoint.with_suffix(".yaml")
+    if not beside.is_file():
+        raise ValueError(f"{checkpoint} is an original-format checkpoint: pass its YAML config "
+                         "(e.g. configs/sd/v1-inference.yaml)")
+    return beside
+
+
+def _check_stage2_options(checkpoint: Path, config: str | Path | None, use_ema: bool) -> None:
+    if config is not None or use_ema:
+        raise ValueError(f"{checkpoint} is a stage-2 file of this project: it carries its config and "
+                         "picked weights; leave out the original config / EMA choice")
+
+
+def read_model_configs(checkpoint: str | Path, config: str | Path | None = None,
+                       use_ema: bool = False) -> tuple[LatentDiffusionConfig, AutoencoderConfig]:
+    """The configs of the model `load_model` would build from the same arguments, without reading any
+    weights: enough to check image sizes and step counts before loading."""
+    checkpoint = Path(checkpoint)
+    if check_model_file(checkpoint) is STAGE2_FILE:
+        _check_stage2_options(checkpoint, config, use_ema)
+        cfg, ae_cfg, _ = LatentDiffusion.read_configs(checkpoint)
+        return cfg, ae_cfg
+    original = parse_original_config(_original_yaml(checkpoint, config))
+    return original.ldm, original.autoencoder
 
 
 def load_model(checkpoint: str | Path, config: str | Path | None = None, use_ema: bool = False,
@@ -260,25 +364,16 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, use_ema
     """A stage-2 file of ours, or an original SD/LDM file with its YAML `config`.
 
     Without `config`, an original file uses the YAML of the same name beside it (as written by
-    `export_original`); if there is none, a ValueError asks for one.
+    `export_original`); if there is none, a ValueError asks for one. A file that holds no whole model
+    (a ControlNet, an autoencoder) is a CheckpointError saying what it holds.
     """
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    if not is_original_checkpoint(checkpoint):
-        if config is not None or use_ema:
-            raise ValueError(f"{checkpoint} is a stage-2 file of this project: it carries its config and "
-                             "picked weights; leave out the original config / EMA choice")
+    if check_model_file(checkpoint) is STAGE2_FILE:
+        _check_stage2_options(checkpoint, config, use_ema)
         return LatentDiffusion.load(checkpoint, device=device)
-    if config is None:
-        beside = checkpoint.with_suffix(".yaml")
-        if not beside.is_file():
-            raise ValueError(f"{checkpoint} is an original-format checkpoint: pass its YAML config "
-                             "(e.g. configs/sd/v1-inference.yaml)")
-        config = beside
-    return load_original_model(checkpoint, config, use_ema=use_ema, device=device)
+    return load_original_model(checkpoint, _original_yaml(checkpoint, config), use_ema=use_ema, device=device)
 
 
-__all__ = ["LatentDiffusionConfig", "OriginalModelConfig", "TensorFile", "ema_key", "export_original",
-           "is_original_checkpoint", "load_model", "load_original_autoencoder", "load_original_model",
-           "original_state_dict", "parse_original_config"]
+__all__ = ["FileKind", "LatentDiffusionConfig", "OriginalModelConfig", "TensorFile", "check_model_file", "ema_key",
+           "export_original", "load_model", "load_original_autoencoder", "load_original_model", "model_file_kind",
+           "original_state_dict", "parse_original_config", "read_model_configs"]

@@ -1,4 +1,5 @@
 """generate_latents on a tiny LatentDiffusion, and the generate.py command line."""
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -9,20 +10,26 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import generate
 from autoencoder import AutoencoderConfig, DDConfig, build_autoencoder
+from autoencoder.model_file import save_autoencoder
+from common.weights import CheckpointError
 from conditioning import TextEncoderConfig
-from ldm.generation import SamplingOptions, generate_latents
+from ldm.generation import SamplingOptions, SizeLimits, generate_latents, read_prompt_lines
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.original_format import (CONTROL_LDM_FILE, ORIGINAL_CONTROLNET_FILE, ORIGINAL_FILE, UNKNOWN_FILE, VAE_FILE,
+                                 load_model, model_file_kind)
 from ldm.unet import UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # pixels; the tiny autoencoder and U-Net each halve once, so sizes are multiples of 4
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def tiny_model() -> LatentDiffusion:
+    """A tiny text-to-image model (tests/test_bad_input.py saves it too): 4-channel latents at half the
+    image size, no `image_size` in its U-Net config (so its training size is SD's default 512)."""
     torch.manual_seed(0)
     ae_cfg = AutoencoderConfig(kind="kl", embed_dim=4, ddconfig=DDConfig(
         z_channels=4, resolution=SIZE, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[]))
@@ -35,8 +42,13 @@ def checkpoint(tmp_path_factory):
     for p in model.unet.parameters():
         if p.abs().sum() == 0 and p.ndim > 1:
             torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    model.save(path)
+    tiny_model().save(path)
     return path
 
 
@@ -176,8 +188,8 @@ SQUARE = ["--size", SIZE]
 
 @pytest.mark.parametrize("extra, message", [
     (["--sampler", "k_lms", *SQUARE], "unknown sampler 'k_lms'"),
-    (["--size", 18], "multiples of 4"),
-    (["--init-image", "odd.png"], "multiples of 4"),
+    (["--size", 18], "--size must be a positive multiple of 4 for this model"),
+    (["--init-image", "odd.png"], "init image odd.png is 18x18: its sides must be multiples of 4"),
     (["--init-image", "missing.png"], "init image not found"),
     (["--mask", "wide_mask.png", *SQUARE], "--mask needs --init-image"),
     (["--init-image", "init.png", "--mask", "wide_mask.png"], "mask is 20x16 but the init image is 16x16"),
@@ -186,12 +198,15 @@ SQUARE = ["--size", SIZE]
     (["--prompts-file", "nowhere.txt", *SQUARE], "exactly one of them"),
     (["--steps", "many"], "argument --steps: invalid int value: 'many'"),  # argparse's errors: one line too
     (["--spacing", "cosine"], "argument --spacing: invalid choice: 'cosine'"),
-    (["--cfg", "nan", *SQUARE], "guidance must be a finite number, got nan"),
-    (["--steps", 0, *SQUARE], "steps must be positive, got 0"),
-    (["--guidance-rescale", 2, *SQUARE], "guidance_rescale must be a number in [0.0, 1.0], got 2.0"),
-    (["--sampler", "ddim", "--spacing", "karras", *SQUARE], "spacing 'karras' does not apply to the ddim sampler"),
+    (["--cfg", "nan", *SQUARE], "--cfg must be a number in [0.0, 100.0], got nan"),
+    (["--steps", 0, *SQUARE], "--steps must be positive, got 0"),
+    (["--guidance-rescale", 2, *SQUARE], "--guidance-rescale must be a number in [0.0, 1.0], got 2.0"),
+    (["--sampler", "ddim", "--spacing", "karras", *SQUARE],
+     "--spacing 'karras' does not apply to the ddim sampler"),
     (["--sampler", "euler", "--init-image", "init.png", "--mask", "init.png", "--repaint-resamples", 2],
-     "repaint_resamples (RePaint) applies to the ddpm / ddim samplers only"),
+     "--repaint-resamples (RePaint) applies to the ddpm / ddim samplers only, got 2 with 'euler'"),
+    (["--repaint-resamples", 2, *SQUARE], "--repaint-resamples (RePaint) applies to inpainting, with --mask"),
+    (["--size", 4104], "--size 4104 is above this model's limit of 4096 (8x the 512 pixels it was trained at)"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(images, checkpoint, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(images)
@@ -218,3 +233,71 @@ def test_cli_as_a_script_missing_checkpoint(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'none.safetensors'}"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("failure, message", [
+    (lambda latents: latents * float("nan"), "came out NaN or infinite; they were not written"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"),
+     "out of memory drawing 2 images of 16x16 pixels: lower --batch-size (now 2) or --size"),
+])
+def test_cli_run_failures_are_one_line_exit_1_and_write_nothing(tmp_path, checkpoint, capsys, monkeypatch,
+                                                                failure, message):
+    real = generate.generate_latents
+
+    def failing(*args, **kwargs):
+        if isinstance(failure, Exception):
+            raise failure
+        return failure(real(*args, **kwargs))
+
+    monkeypatch.setattr(generate, "generate_latents", failing)
+    with pytest.raises(SystemExit) as exit_info:
+        cli("a red apple", "--checkpoint", checkpoint, "--n", 2, "--steps", 1, "--size", SIZE, "--out", tmp_path / "o")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and err[-1].startswith("error:") and message in err[-1]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_prompts_file_is_utf8_and_a_byte_order_mark_is_no_part_of_the_first_prompt(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffcaf\u00e9\n\nteapot\n".encode("utf-8"))
+    assert read_prompt_lines(tmp_path / "bom.txt") == ["caf\u00e9", "teapot"]
+    (tmp_path / "latin1.txt").write_bytes("teapot\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(byte 0xe9 on line 2\)"):
+        read_prompt_lines(tmp_path / "latin1.txt")
+
+
+def test_size_limits_from_the_configs(model):
+    limits = SizeLimits.of(model.cfg, model.autoencoder_cfg)
+    assert (limits.multiple, limits.training_size, limits.largest) == (4, 512, 4096)
+    with_size = SizeLimits.of(dataclasses.replace(model.cfg, unet=dataclasses.replace(model.cfg.unet, image_size=6)),
+                              model.autoencoder_cfg)
+    assert (with_size.training_size, with_size.largest) == (12, 96)  # 6 latent pixels at factor 2; 8 x 12
+    with pytest.raises(ValueError, match=r"^--size 100 is above this model's limit of 96 \(8x the 12 pixels"):
+        with_size.check(100)
+
+
+@pytest.mark.parametrize("keys, kind", [
+    (["model.diffusion_model.out.0.weight", "first_stage_model.decoder.conv_out.weight"], ORIGINAL_FILE),
+    (["model.diffusion_model.out.0.weight", "control_model.input_hint_block.0.weight"], CONTROL_LDM_FILE),
+    (["control_model.input_hint_block.0.weight"], ORIGINAL_CONTROLNET_FILE),
+    (["input_hint_block.0.weight", "zero_convs.0.0.weight"], ORIGINAL_CONTROLNET_FILE),
+    (["encoder.conv_in.weight", "decoder.conv_out.weight"], VAE_FILE),
+    (["down_blocks.0.resnets.0.conv1.weight"], UNKNOWN_FILE),  # e.g. a diffusers U-Net
+])
+def test_original_files_are_told_by_their_keys(tmp_path, keys, kind):
+    path = tmp_path / "weights.safetensors"
+    save_file({key: torch.zeros(1) for key in keys}, str(path), metadata={"format": "pt"})
+    assert model_file_kind(path) == kind
+    torch.save({"state_dict": {key: torch.zeros(1) for key in keys}}, tmp_path / "weights.ckpt")
+    assert model_file_kind(tmp_path / "weights.ckpt") == kind
+
+
+def test_load_model_names_a_file_that_holds_no_model(tmp_path, model):
+    save_autoencoder(model.autoencoder, model.autoencoder_cfg, tmp_path / "ae.safetensors", 0.5)
+    with pytest.raises(CheckpointError, match="ae.safetensors is a stage-1 autoencoder file written by "
+                                              "train_stage1.py; a text-to-image model is a stage-2 model file"):
+        load_model(tmp_path / "ae.safetensors")
+
+
+def test_every_image_seed_of_a_batch_must_fit_the_generator(model):
+    with pytest.raises(ValueError, match=r"seed 18446744073709551615 \+ 1 \(the batch's last image\) is past 2\*\*64"):
+        generate_latents(model, ["x", "y"], seed=2**64 - 1, steps=1, height=SIZE, width=SIZE)

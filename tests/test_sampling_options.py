@@ -1,10 +1,11 @@
 """`SamplingOptions`: one validated object of sampling settings, and the sampler capabilities it reads."""
 import dataclasses
+import re
 
 import pytest
 
 from ldm.denoiser import NoiseLevels
-from ldm.sampling_options import SamplingOptions
+from ldm.sampling_options import OptionError, SamplingOptions
 from ldm.samplers import SAMPLERS, samplers_with
 from ldm.schedule import NoiseSchedule, make_betas, rescale_zero_terminal_snr
 
@@ -14,15 +15,19 @@ from ldm.schedule import NoiseSchedule, make_betas, rescale_zero_terminal_snr
     (dict(steps=0), "steps must be positive, got 0"),
     (dict(steps=2.5), "steps must be an integer, got 2.5"),
     (dict(steps=True), "steps must be an integer"),
-    (dict(guidance=float("nan")), "guidance must be a finite number, got nan"),
-    (dict(guidance=float("inf")), "guidance must be a finite number, got inf"),
-    (dict(guidance="7"), "guidance must be a finite number"),
+    (dict(guidance=float("nan")), "guidance must be a number in [0.0, 100.0], got nan"),
+    (dict(guidance=float("inf")), "guidance must be a number in [0.0, 100.0], got inf"),
+    (dict(guidance=1e30), "guidance must be a number in [0.0, 100.0], got 1e+30"),
+    (dict(guidance=-1.0), "guidance must be a number in [0.0, 100.0], got -1.0"),
+    (dict(guidance="7"), "guidance must be a number in [0.0, 100.0]"),
     (dict(guidance_rescale=1.5), "guidance_rescale must be a number in [0.0, 1.0], got 1.5"),
     (dict(eta=-0.1), "eta must be a number >= 0.0, got -0.1"),
     (dict(sampler="euler", eta=0.5), "eta applies to the ddim sampler only, got eta=0.5 with 'euler'"),
     (dict(sampler="ddim", spacing="karras"), "spacing 'karras' does not apply to the ddim sampler"),
     (dict(spacing="cosine"), "spacing 'cosine' does not apply"),
     (dict(seed="1"), "seed must be an integer"),
+    (dict(seed=-1), "seed must be an integer in [0, 2**64 - 1], got -1"),
+    (dict(seed=2**64), "seed must be an integer in [0, 2**64 - 1], got 18446744073709551616"),
     (dict(height=0), "height must be positive, got 0"),
     (dict(width=-8), "width must be positive, got -8"),
     (dict(negative=3), "negative must be a prompt or a list of prompts"),
@@ -32,11 +37,39 @@ from ldm.schedule import NoiseSchedule, make_betas, rescale_zero_terminal_snr
     (dict(sampler="heun", repaint_resamples=2), "repaint_resamples (RePaint) applies to the ddpm / ddim samplers"),
 ])
 def test_bad_field_is_one_line_naming_it(fields, message):
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(OptionError) as error:
         SamplingOptions(**fields)
     text = str(error.value)
     assert message in text and "\n" not in text
-    assert any(name in text for name in fields)
+    assert error.value.field in fields and error.value.field in text
+
+
+def test_option_errors_in_a_command_line_s_terms():
+    flags = {"guidance": "--cfg", "eta": "--eta"}
+    with pytest.raises(OptionError) as error:
+        SamplingOptions(guidance=float("nan"))
+    assert str(error.value.for_flags(flags)) == "--cfg must be a number in [0.0, 100.0], got nan"
+    with pytest.raises(OptionError) as error:
+        SamplingOptions(sampler="euler", eta=0.5)
+    assert str(error.value.for_flags(flags)) == "--eta applies to the ddim sampler only, got eta=0.5 with 'euler'"
+    with pytest.raises(OptionError) as error:
+        SamplingOptions(sampler="lms")
+    assert str(error.value.for_flags({"sampler": "--sampler"})).startswith("--sampler: unknown sampler 'lms'")
+    with pytest.raises(OptionError) as error:
+        SamplingOptions(steps=0)
+    assert str(error.value.for_flags(flags)) == "steps must be positive, got 0"  # no flag given for it
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(sampler="ddim", steps=1001), "steps must be an integer in [1, 1000] (the schedule's timesteps), got 1001"),
+    (dict(sampler="euler", steps=250000), "got 250000"),  # karras could space them; nothing would be gained
+])
+def test_resolve_checks_the_steps_against_the_schedule(fields, message):
+    schedule = NoiseSchedule(make_betas("ldm-linear"))
+    with pytest.raises(OptionError, match=re.escape(message)) as error:
+        SamplingOptions(**fields).resolve(schedule)
+    assert error.value.field == "steps"
+    assert SamplingOptions(sampler="ddim", steps=1000).resolve(schedule).steps == 1000
 
 
 def test_good_options_and_replace_revalidates():
