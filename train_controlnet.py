@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from common.cli import run
-from common.config import ConfigError
+from common.config import ConfigError, at_least, check_range, to_dict
 from common.weights import file_sha256, load_weights
 from conditioning import drop_captions
 from conditioning.context_cache import ContextCache
@@ -32,10 +32,10 @@ from ldm.controlnet import Control, ControlledModel, ControlNet, save_controlnet
 from ldm.generation import generate_latents
 from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion
-from ldm.original_format import load_model
+from ldm.original_format import check_model_file, load_model
 from train_stage2 import LatentDiffusionTask, OptimConfig
 from training import TrainConfig, ema_weights, eval_mode, train
-from training.cli import start_run, train_parser
+from training.cli import export_errors, start_run, train_parser
 
 log = logging.getLogger("train_controlnet")
 
@@ -57,6 +57,12 @@ class ControlSampleConfig:
     steps: int = 50
     guidance: float = 5.0
 
+    def __post_init__(self):
+        at_least("count", self.count, 1)
+        at_least("seed", self.seed, 0)
+        at_least("steps", self.steps, 1)
+        check_range("guidance", self.guidance, low=0, high=100)
+
 
 @dataclass
 class ControlNetTrainConfig:
@@ -68,6 +74,9 @@ class ControlNetTrainConfig:
     empty_prompt_rate: float = 0.5
     latent_cache: bool = False
     latent_cache_dir: str = "runs/latent_cache"
+
+    def __post_init__(self):
+        check_range("empty_prompt_rate", self.empty_prompt_rate, low=0, high=1)
 
 
 class HintedLatents(Dataset):
@@ -161,6 +170,7 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.stage2).is_file():
         raise FileNotFoundError(f"stage-2 model not found: {args.stage2}")
+    check_model_file(args.stage2)  # a wrong kind of file is named before the run's folder is touched
     cfg = start_run(args, ControlNetTrainConfig)
     model = load_model(args.stage2, args.original_config)
     check_config(cfg, model)
@@ -175,18 +185,19 @@ def main() -> None:
                              num_workers=cfg.train.num_workers)
         dataset = HintedLatents(cache, dataset)
     task = ControlNetTask(cfg, model, controlnet)
-    last = train(task, dataset, cfg.train, resume=args.resume)
+    last = train(task, dataset, cfg.train, resume=args.resume, run_config=to_dict(cfg))
 
     states = {k: m.state_dict() for k, m in task.trainable.items()}
     if cfg.train.ema_decay and last is not None:
         ema = load_weights(last / "ema.safetensors")
         states = {k: {n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + ".")} for k in states}
-    save_controlnet(out / "controlnet.safetensors", controlnet, states["controlnet"],
-                    unet_decoder=states.get("unet_decoder"),
-                    metadata={"stage2": Path(args.stage2).name, "stage2_sha256": file_sha256(args.stage2),
-                              "condition": cfg.data.condition, "canny": [cfg.data.canny_low, cfg.data.canny_high],
-                              "sd_locked": cfg.controlnet.sd_locked, "steps": cfg.train.max_steps,
-                              "only_mid_control": cfg.controlnet.only_mid_control})
+    with export_errors(out):
+        save_controlnet(out / "controlnet.safetensors", controlnet, states["controlnet"],
+                        unet_decoder=states.get("unet_decoder"),
+                        metadata={"stage2": Path(args.stage2).name, "stage2_sha256": file_sha256(args.stage2),
+                                  "condition": cfg.data.condition, "canny": [cfg.data.canny_low, cfg.data.canny_high],
+                                  "sd_locked": cfg.controlnet.sd_locked, "steps": cfg.train.max_steps,
+                                  "only_mid_control": cfg.controlnet.only_mid_control})
     log.info("wrote %s", out / "controlnet.safetensors")
 
 

@@ -19,10 +19,11 @@ from autoencoder import build_autoencoder, build_autoencoder_loss, measure_scale
 from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig
 from autoencoder.model_file import save_autoencoder
 from common.cli import run
+from common.config import at_least, to_dict
 from common.weights import load_weights
 from data import DataConfig, build_dataset
 from training import TrainConfig, TrainingTask, ema_weights, train
-from training.cli import start_run, train_parser
+from training.cli import check_adam, export_errors, start_run, train_parser
 
 log = logging.getLogger("train_stage1")
 
@@ -31,6 +32,9 @@ log = logging.getLogger("train_stage1")
 class OptimConfig:
     lr: float = 4.5e-6
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+
+    def __post_init__(self):
+        check_adam(self.lr, self.betas)
 
 
 @dataclass
@@ -41,6 +45,9 @@ class Stage1Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scale_factor_batches: int = 8  # batches of latents to measure 1/std over at the end
+
+    def __post_init__(self):
+        at_least("scale_factor_batches", self.scale_factor_batches, 1)
 
 
 class AutoencoderTask(TrainingTask):
@@ -94,7 +101,7 @@ def main() -> None:
 
     dataset = build_dataset(cfg.data)
     task = AutoencoderTask(cfg)
-    last = train(task, dataset, cfg.train, resume=args.resume)
+    last = train(task, dataset, cfg.train, resume=args.resume, run_config=to_dict(cfg))
 
     model = task.autoencoder
     if cfg.train.ema_decay and last is not None:  # export the EMA weights
@@ -103,7 +110,8 @@ def main() -> None:
     batches = _scale_batches(dataset, cfg, next(model.parameters()).device)
     g = torch.Generator(next(model.parameters()).device).manual_seed(cfg.train.seed)
     scale = measure_scale_factor(lambda x: model.encode_latents(x, sample=True, generator=g), batches)
-    save_autoencoder(model, cfg.model, out / "autoencoder.safetensors", scale_factor=scale)
+    with export_errors(out):
+        save_autoencoder(model, cfg.model, out / "autoencoder.safetensors", scale_factor=scale)
     log.info("latent scale factor %.5f; wrote %s", scale, out / "autoencoder.safetensors")
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autoencoder.model_file import load_autoencoder
+from autoencoder.model_file import load_autoencoder, read_autoencoder_config
 from common.cli import run
+from common.config import at_least, check_range, to_dict
 from common.weights import load_weights
 from conditioning import drop_captions
 from conditioning.context_cache import ContextCache
@@ -26,9 +27,9 @@ from data import DataConfig, build_dataset
 from ldm.generation import generate_latents
 from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
-from ldm.original_format import load_model
+from ldm.original_format import check_model_file, load_model
 from training import TrainConfig, TrainingTask, ema_weights, eval_mode, train
-from training.cli import start_run, train_parser
+from training.cli import check_adam, export_errors, start_run, train_parser
 
 log = logging.getLogger("train_stage2")
 
@@ -40,6 +41,11 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 500
 
+    def __post_init__(self):
+        check_adam(self.lr, self.betas)
+        check_range("weight_decay", self.weight_decay, low=0)
+        at_least("warmup_steps", self.warmup_steps, 0)
+
 
 @dataclass
 class SampleConfig:
@@ -50,6 +56,11 @@ class SampleConfig:
     sampler: str = "ddim"
     steps: int = 50
     guidance: float = 5.0
+
+    def __post_init__(self):
+        at_least("seed", self.seed, 0)
+        at_least("steps", self.steps, 1)
+        check_range("guidance", self.guidance, low=0, high=100)
 
 
 @dataclass
@@ -63,6 +74,11 @@ class Stage2Config:
     scale_factor: float | None = None  # None: from the stage-1 file's metadata
     latent_cache: bool = False
     latent_cache_dir: str = "runs/latent_cache"
+
+    def __post_init__(self):
+        check_range("caption_dropout", self.caption_dropout, low=0, high=1)
+        if self.scale_factor is not None:
+            check_range("scale_factor", self.scale_factor, low=0, low_inclusive=False)
 
 
 class LatentDiffusionTask(TrainingTask):
@@ -135,6 +151,10 @@ def main() -> None:
     parser.add_argument("--original-config", help="the original YAML (e.g. configs/sd/v1-inference.yaml) of --init-from")
     parser.add_argument("--ema", action="store_true", help="start from the EMA weights of an original --init-from file")
     args = parser.parse_args()
+    if args.init_from:  # a wrong kind of file is named before the run's folder is touched
+        check_model_file(args.init_from)
+    else:
+        read_autoencoder_config(args.first_stage)
     cfg = start_run(args, Stage2Config)
     out = Path(cfg.train.output_dir)
 
@@ -157,13 +177,14 @@ def main() -> None:
         key = fingerprint(args.first_stage or args.init_from, cfg.data, dataset)
         dataset = latent_cache(dataset, model.autoencoder, key, cfg.latent_cache_dir, num_workers=cfg.train.num_workers)
     task = LatentDiffusionTask(cfg, model)
-    last = train(task, dataset, cfg.train, resume=args.resume)
+    last = train(task, dataset, cfg.train, resume=args.resume, run_config=to_dict(cfg))
 
     states = {k: m.state_dict() for k, m in task.trainable.items()}
     if cfg.train.ema_decay and last is not None:  # sample with the EMA weights
         ema = load_weights(last / "ema.safetensors")
         states = {k: {n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + ".")} for k in states}
-    model.save(out / "model.safetensors", unet_state=states["unet"], text_state=states.get("text_encoder"))
+    with export_errors(out):
+        model.save(out / "model.safetensors", unet_state=states["unet"], text_state=states.get("text_encoder"))
     log.info("wrote %s", out / "model.safetensors")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Callable
 
@@ -12,6 +13,15 @@ from common.weights import CheckpointError
 
 class RunFailed(RuntimeError):
     """A run that went wrong though its input was fine (e.g. a loss turned NaN): exit code 1."""
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after saving what it had: exit code 128 + the signal's number (Ctrl-C: 130),
+    so `train_stage1.py ... && train_stage2.py ...` does not go on with an unfinished model."""
+
+    def __init__(self, message: str, signal_number: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signal_number)
 
 
 # Errors that mean "your input is wrong" (exit 2) or "the run went wrong" (exit 1): one line each.
@@ -37,3 +47,9 @@ def run(main: Callable[[], object]) -> None:
     except RUN_FAILED as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

@@ -1,8 +1,9 @@
-"""Bad input to the inference and evaluation commands, run as a user runs them: one line, no traceback,
-a non-zero exit, and nothing in the output folder written, overwritten or deleted.
+"""Bad input to every command, run as a user runs them: one line, no traceback, a non-zero exit, and
+nothing in the output folder written, overwritten or deleted.
 
 Each row of TABLE runs one command (generate.py, demo.py, python -m ldm.evaluate, python -m
-autoencoder.evaluate) as a subprocess from the repository root with one bad value or file, and checks:
+autoencoder.evaluate, and the three trainers, whose output folder already holds an earlier run's
+config.yaml and model) as a subprocess from the repository root with one bad value or file, and checks:
   - the exit code is not 0, and stderr holds no "Traceback";
   - stderr is exactly one line, starting "error:", that holds every string of the row's `mentions` (the
     offending option or file, and the limit or what the file is). Blank lines and the "INFO ..." lines
@@ -35,9 +36,12 @@ from test_generate import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"generate": ["generate.py"], "demo": ["demo.py"], "ldm.evaluate": ["-m", "ldm.evaluate"],
-            "autoencoder.evaluate": ["-m", "autoencoder.evaluate"]}
+            "autoencoder.evaluate": ["-m", "autoencoder.evaluate"], "train_stage1": ["train_stage1.py"],
+            "train_stage2": ["train_stage2.py"], "train_controlnet": ["train_controlnet.py"]}
+TRAINED = ("config.yaml", "model.safetensors")  # what a trainer's output folder holds after an earlier run
 SENTINELS = {"generate": ("000-seed0.png", "grid.png"), "demo": ("prompts.txt",),
-             "ldm.evaluate": ("results.json",), "autoencoder.evaluate": ("results.json",)}
+             "ldm.evaluate": ("results.json",), "autoencoder.evaluate": ("results.json",),
+             "train_stage1": TRAINED, "train_stage2": TRAINED, "train_controlnet": TRAINED}
 TIMEOUT = 600  # seconds; a row that starts sampling or evaluating on today's code may take a while
 
 # Each command's arguments with nothing wrong; a row appends its bad ones (argparse keeps the last value).
@@ -45,6 +49,9 @@ GEN = ["a red apple", "--checkpoint", "{model}", "--steps", "1", "--size", "16",
 CONTROL = ["--controlnet", "{controlnet}", "--control-image", "{control_image}", "--control", "canny"]
 LDM_EVAL = ["--checkpoint", "{model}", "--data", "shapes", "--n", "2", "--steps", "1", "--batch-size", "2",
             "--size", "16", "--no-clip", "--device", "cpu", "--out", "{out}/results.json"]
+STAGE1 = ["--config", "configs/autoencoder/tiny-kl.yaml", "train.output_dir={out}"]
+STAGE2 = ["--config", "configs/ldm/tiny.yaml", "--first-stage", "{autoencoder}", "train.output_dir={out}"]
+CONTROL_TRAIN = ["--config", "configs/controlnet/tiny.yaml", "--stage2", "{model}", "train.output_dir={out}"]
 AE_EVAL = ["--checkpoint", "{autoencoder}", "--data", "shapes", "--n", "2", "--batch-size", "2", "--device", "cpu",
            "--lpips-path", "{files}/absent.pth", "--out", "{out}/results.json"]
 
@@ -90,6 +97,24 @@ TABLE = [
     ("size-zero", "autoencoder.evaluate", [*AE_EVAL, "--size", "0"], ["--size", "got 0"]),
     ("out-is-a-folder", "autoencoder.evaluate", [*AE_EVAL, "--out", "{out}"], ["--out", "folder"]),
     ("out-is-a-file", "demo", ["--out", "{out}/prompts.txt"], ["--out", "prompts.txt"]),
+    ("max-steps-zero", "train_stage1", [*STAGE1, "train.max_steps=0"], ["train: max_steps must be >= 1, got 0"]),
+    ("batch-size-zero", "train_stage1", [*STAGE1, "train.batch_size=0"], ["train: batch_size must be >= 1, got 0"]),
+    ("lr-infinite", "train_stage1", [*STAGE1, "optim.lr=.inf"], ["optim: lr must be", "(0, 1]", "inf"]),
+    ("lr-past-float32", "train_stage1", [*STAGE1, "optim.lr=1e39"], ["optim: lr must be", "(0, 1]", "1e+39"]),
+    ("lr-not-a-number", "train_stage1", [*STAGE1, "optim.lr=abc"], ["'optim.lr' must be a number, got 'abc'"]),
+    ("config-not-yaml", "train_stage1", ["--config", "{files}/broken.yaml", "train.output_dir={out}"],
+     ["broken.yaml:3:1:", "flow sequence at line 2"]),
+    ("output-dir-read-only", "train_stage1", STAGE1, ["cannot write to the output folder", "choose another"]),
+    ("output-dir-is-a-file", "train_stage1", [*STAGE1, "train.output_dir={out}/config.yaml"],
+     ["config.yaml", "cannot write to the output folder"]),
+    ("first-stage-is-a-stage2-model", "train_stage2", [*STAGE2, "--first-stage", "{model}"],
+     ["model.safetensors", "is a stage-2 model file"]),
+    ("init-from-is-a-controlnet", "train_stage2", [*STAGE2[:2], "--init-from", "{controlnet}", *STAGE2[4:]],
+     ["controlnet.safetensors", "is a ControlNet file"]),
+    ("guidance-nan", "train_stage2", [*STAGE2, "samples.guidance=.nan"], ["samples: guidance", "nan"]),
+    ("caption-dropout-above-one", "train_stage2", [*STAGE2, "caption_dropout=2"], ["caption_dropout", "[0, 1]"]),
+    ("stage2-is-an-autoencoder", "train_controlnet", [*CONTROL_TRAIN, "--stage2", "{autoencoder}"],
+     ["autoencoder.safetensors", "is a stage-1 autoencoder file"]),
 ]
 ROWS = {f"{command}:{row_id}": (command, args, mentions) for row_id, command, args, mentions in TABLE}
 assert len(ROWS) == len(TABLE), "row ids must be unique per command"
@@ -107,6 +132,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     Image.new("RGB", (16, 16), (200, 30, 30)).save(folder / "init.png")
     Image.new("RGB", (16, 16), (30, 200, 30)).save(folder / "control.png")
     (folder / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (folder / "broken.yaml").write_text("train:\n  batch_size: [4\n")
     return {"model": folder / "model.safetensors", "controlnet": folder / "controlnet.safetensors",
             "autoencoder": folder / "autoencoder.safetensors", "init_image": folder / "init.png",
             "control_image": folder / "control.png", "files": folder}
@@ -153,7 +179,7 @@ def outcomes(request, files, tmp_path_factory) -> dict[str, tuple]:
         out.mkdir()
         for name in SENTINELS[command]:
             (out / name).write_bytes(f"sentinel {name}\n".encode())
-        if key.endswith(":out-read-only"):
+        if key.endswith((":out-read-only", ":output-dir-read-only")):
             read_only.append(out)
             if not make_read_only(out):
                 results[key] = "this machine cannot make a folder read-only for this user"

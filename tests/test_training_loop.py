@@ -1,4 +1,5 @@
 """The shared loop: exact resume, accumulation, EMA, non-finite losses, atomic checkpoints."""
+import signal
 from dataclasses import replace
 
 import pytest
@@ -9,7 +10,10 @@ from torch.utils.data import Dataset
 from common.weights import load_weights
 from training import EMA, NonFiniteLossError, TrainConfig, TrainingTask, train
 from common.weights import CheckpointError, load_torch, save_torch
+from common.cli import Interrupted
+from common.disk import DiskFull
 from training.checkpoint import CheckpointDir
+from training.finite import NonFiniteStateError
 from training.loop import EpochKeySampler
 
 
@@ -33,14 +37,14 @@ class NoisyRegression(Dataset):
 class GanLikeTask(TrainingTask):
     """Two optimizers and global-RNG use in the step, as the real tasks have."""
 
-    def __init__(self, nan_at: int | None = None):
+    def __init__(self, nan_at: int | None = None, lr: float = 1e-2):
         torch.manual_seed(123)
         self.net = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.1), nn.Linear(16, 2))
         self.critic = nn.Linear(2, 1)
-        self.nan_at = nan_at
+        self.nan_at, self.lr = nan_at, lr
 
     def setup(self, accelerator):
-        opt_g = torch.optim.AdamW(self.net.parameters(), lr=1e-2)
+        opt_g = torch.optim.AdamW(self.net.parameters(), lr=self.lr)
         opt_d = torch.optim.Adam(self.critic.parameters(), lr=1e-2)
         opt_g, opt_d = accelerator.prepare(opt_g, opt_d)
         self.modules = {"net": self.net, "critic": self.critic}
@@ -182,3 +186,114 @@ def test_written_files_and_checkpoint_folders_follow_the_umask(tmp_path, monkeyp
     folder = CheckpointDir(tmp_path / "c").write(1, lambda f: None)
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
     assert folder.stat().st_mode & 0o777 == 0o755
+
+
+class PoisonedBufferTask(GanLikeTask):
+    """A buffer (no optimizer sees it, no loss depends on it) turns infinite at step `at`."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.net.register_buffer("running_max", torch.zeros(2))
+        self.at = at
+
+    def training_step(self, batch, step):
+        if step == self.at:
+            self.net.running_max.fill_(float("inf"))
+        yield from super().training_step(batch, step)
+
+
+def test_an_infinite_learning_rate_stops_before_its_weights_are_saved(tmp_path):
+    class BlowUp(GanLikeTask):  # the warm-up schedule turns the learning rate infinite from step 6 on
+        def setup(self, accelerator):
+            super().setup(accelerator)
+            warmup = torch.optim.lr_scheduler.LambdaLR
+            self.schedulers["net"] = warmup(self.optimizers["net"], lambda s: float("inf") if s >= 5 else 1.0)
+
+    cfg = _cfg(tmp_path, grad_clip=None)
+    train(GanLikeTask(), NoisyRegression(), replace(cfg, max_steps=5))
+    with pytest.raises(NonFiniteStateError, match=r"optimizer 'net' made \d+ weights NaN or infinite at step 7 "
+                                                  r"\(e\.g\. net\.0\.weight.*last good checkpoint: .*step_00000005\)"):
+        train(BlowUp(), NoisyRegression(), cfg, resume=True)
+    assert CheckpointDir(tmp_path / "run" / "checkpoints").steps() == [5]
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    with pytest.raises(NonFiniteStateError, match=r"tensors are NaN or infinite at step 5 \(e\.g\. net\.running_max\); "
+                                                  r"not saved \(last good checkpoint: none\)"):
+        train(PoisonedBufferTask(at=3), NoisyRegression(), _cfg(tmp_path))
+    folder = tmp_path / "run" / "checkpoints"
+    assert CheckpointDir(folder).steps() == [] and not any(folder.glob(".step_*"))
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, keep_checkpoints=3)
+    train(GanLikeTask(), NoisyRegression(), replace(cfg, max_steps=5))
+    good = (tmp_path / "run" / "checkpoints" / "step_00000005" / "net.safetensors").read_bytes()
+
+    def full(obj, path):  # what torch.save's zip writer raises on ENOSPC
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1324352 vs 1324240")
+    monkeypatch.setattr("training.checkpoint.save_torch", full)
+    with pytest.raises(DiskFull) as caught:
+        train(GanLikeTask(), NoisyRegression(), cfg, resume=True)
+    message = str(caught.value)
+    assert "\n" not in message and "checkpoint of step 10: no space left on the device of" in message
+    assert "lower train.keep_checkpoints (3)" in message and "step_00000005" in message
+    folder = tmp_path / "run" / "checkpoints"
+    assert CheckpointDir(folder).steps() == [5] and not any(folder.glob(".step_*"))
+    assert (folder / "step_00000005" / "net.safetensors").read_bytes() == good
+
+
+def test_a_save_needs_room_for_its_tensors_before_it_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr("common.disk.free_bytes", lambda folder: 100_000)
+    with pytest.raises(DiskFull, match=r"checkpoint of step 5 needs about 1\.\d MB but .* has 0\.1 MB free"):
+        train(GanLikeTask(), NoisyRegression(), _cfg(tmp_path))
+    assert not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_a_signal_saves_the_step_reached_and_raises_interrupted(tmp_path):
+    class SignalledTask(GanLikeTask):
+        def training_step(self, batch, step):
+            if step == 2:
+                signal.raise_signal(signal.SIGTERM)
+            yield from super().training_step(batch, step)
+
+    with pytest.raises(Interrupted, match=r"SIGTERM at step 3: saved .*step_00000003; no model exported") as caught:
+        train(SignalledTask(), NoisyRegression(), _cfg(tmp_path))
+    assert caught.value.exit_code == 128 + signal.SIGTERM
+    assert CheckpointDir(tmp_path / "run" / "checkpoints").steps() == [3]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop's handler is gone
+
+
+def test_config_is_recorded_only_once_a_resume_has_loaded(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=5)
+    train(GanLikeTask(), NoisyRegression(), cfg, run_config={"lr": 0.01})
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    assert recorded == "lr: 0.01\n"
+
+    class Wider(GanLikeTask):
+        def __init__(self):
+            super().__init__()
+            self.critic = nn.Linear(2, 3)
+    with pytest.raises(CheckpointError, match="critic"):
+        train(Wider(), NoisyRegression(), replace(cfg, max_steps=6), resume=True, run_config={"lr": 0.02})
+    assert (tmp_path / "run" / "config.yaml").read_text() == recorded
+
+
+def test_killed_saves_leave_temporary_folders_that_the_next_start_removes(tmp_path):
+    folder = CheckpointDir(tmp_path / "checkpoints")
+    folder.write(4, lambda d: (d / "trainer_state.pt").write_bytes(b"x"))
+    (tmp_path / "checkpoints" / ".step_00000008.k1ll3d").mkdir()
+    (tmp_path / "checkpoints" / ".step_00000008.k1ll3d" / "net.safetensors").write_bytes(b"partial")
+    assert [d.name for d in folder.remove_leftovers()] == [".step_00000008.k1ll3d"]
+    assert [d.name for d in (tmp_path / "checkpoints").iterdir()] == ["step_00000004"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"max_steps": 0}, "max_steps must be >= 1, got 0"),
+    ({"grad_clip": float("nan")}, "grad_clip"),
+    ({"ema_decay": 1.0}, "ema_decay"),
+])
+def test_train_config_values_out_of_range_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**override)

@@ -1,12 +1,36 @@
-"""A training run's checkpoint folder: one complete `step_XXXXXXXX/` folder per saved step."""
+"""A training run's checkpoints: folders `step_XXXXXXXX/`, each complete or absent, and what goes in them.
+
+Each holds the task's modules and EMA (safetensors), its optimizer, scheduler and extra state and
+the position and RNG states (`torch.save`, read back with weights_only=True). `trainer_state.pt` is
+written last, so a folder with it is complete; a save killed half-way leaves a `.step_*` temporary
+folder, removed at the next start.
+"""
 from __future__ import annotations
 
+import logging
 import os
+import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.weights import shared_mode
+import numpy as np
+import torch
+
+from common.disk import check_free_space, write_errors_explained
+from common.weights import (load_state_dict_strict, load_torch, load_weights, read_metadata, save_torch, save_weights,
+                            shared_mode)
+from training.finite import NonFiniteStateError, nonfinite, state_tensors
+
+if TYPE_CHECKING:
+    from training.ema import EMA
+    from training.loop import TrainingTask
+
+log = logging.getLogger(__name__)
+
+SAVE_MARGIN = 1 << 20  # bytes a checkpoint needs beyond its tensors (file headers, RNG and task state)
 
 
 class CheckpointDir:
@@ -31,6 +55,23 @@ class CheckpointDir:
         steps = self.steps()
         return self.path(steps[-1]) if steps else None
 
+    def remove_leftovers(self) -> list[Path]:
+        """Delete the temporary folders of saves that were killed half-way; return what was removed.
+
+        Only call it while holding the run's lock: a live save's temporary folder looks the same."""
+        if not self.root.is_dir():
+            return []
+        leftovers = sorted(d for d in self.root.iterdir() if d.name.startswith(".step_"))
+        for d in leftovers:
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
+        if leftovers:
+            log.info("removed %d unfinished checkpoint(s) left by interrupted saves: %s",
+                     len(leftovers), ", ".join(d.name for d in leftovers))
+        return leftovers
+
     def path(self, step: int) -> Path:
         """Where `step`'s folder is (or would be)."""
         return self.root / f"step_{step:08d}"
@@ -52,3 +93,94 @@ class CheckpointDir:
         for old in self.steps()[: -self.keep]:
             shutil.rmtree(self.path(old), ignore_errors=True)
         return final
+
+
+@dataclass
+class Position:
+    """Where a run is: what a checkpoint records beside the weights, so a resume sees the same data."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+
+
+
+def save_checkpoint(checkpoints: CheckpointDir, pos: Position, task: TrainingTask, ema: EMA | None, accelerator) -> None:
+    """Write step `pos.step`'s checkpoint, if the whole state is finite and the disk has room for it."""
+    accelerator.wait_for_everyone()
+    rng = _rng_state()
+    if accelerator.is_main_process:
+        modules = {name: module.state_dict() for name, module in task.modules.items()}
+        optimizers = {k: o.state_dict() for k, o in task.optimizers.items()}
+        ema_state = ema.state_dict() if ema is not None else {}
+        tensors = [*state_tensors("", modules), *state_tensors("ema", ema_state), *state_tensors("optimizer", optimizers)]
+        bad = nonfinite(tensors)
+        if bad:
+            raise NonFiniteStateError(f"{len(bad)} tensors are NaN or infinite at step {pos.step} (e.g. {bad[0]}); "
+                                      f"not saved (last good checkpoint: {checkpoints.latest() or 'none'})")
+
+        def fill(folder: Path) -> None:
+            for name, state in modules.items():
+                save_weights(state, folder / f"{name}.safetensors")
+            if ema is not None:
+                save_weights(ema_state, folder / "ema.safetensors", {"num_updates": ema.num_updates})
+            save_torch({
+                "optimizers": optimizers,
+                "schedulers": {k: s.state_dict() for k, s in task.schedulers.items()},
+                "task": task.extra_state(),
+            }, folder / "optimizers.pt")
+            save_torch({"step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
+                        "rng": {accelerator.process_index: rng}}, folder / "trainer_state.pt")
+
+        what = f"checkpoint of step {pos.step}"
+        advice = (f"free space there or lower train.keep_checkpoints ({checkpoints.keep}), then --resume "
+                  f"(last good checkpoint: {checkpoints.latest() or 'none'})")
+        needed = sum(t.numel() * t.element_size() for _, t in tensors) + SAVE_MARGIN
+        checkpoints.root.mkdir(parents=True, exist_ok=True)
+        with write_errors_explained(what, checkpoints.root, advice):
+            check_free_space(checkpoints.root, needed, what, advice)
+            checkpoints.write(pos.step, fill)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(folder: Path, task: TrainingTask, ema: EMA | None, accelerator) -> Position:
+    """Load a checkpoint folder into the task, EMA and this process's RNGs; return where it stopped."""
+    for name, module in task.modules.items():
+        path = folder / f"{name}.safetensors"
+        load_state_dict_strict(module, load_weights(path), path, what=f"the task's module '{name}'")
+    if ema is not None:
+        path = folder / "ema.safetensors"
+        ema.load_state_dict(load_weights(path), int(read_metadata(path).get("num_updates", 0)), source=path)
+    states = load_torch(folder / "optimizers.pt")
+    for k, o in task.optimizers.items():
+        o.load_state_dict(states["optimizers"][k])
+    for k, s in task.schedulers.items():
+        s.load_state_dict(states["schedulers"][k])
+    task.load_extra_state(states.get("task", {}))
+    trainer = load_torch(folder / "trainer_state.pt")
+    rng = trainer["rng"].get(accelerator.process_index)
+    if rng is not None:
+        _set_rng_state(rng)
+    return Position(trainer["step"], trainer["epoch"], trainer["batch_in_epoch"])
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": list(random.getstate()[1]) + [random.getstate()[0]] + [random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    py = state["python"]
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -2,21 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from pathlib import Path
 from typing import TypeVar
 
-import yaml
-
 from common.cli import ArgumentParser
-from common.config import ConfigError, load_config, to_dict
+from common.config import ConfigError, check_range, load_config
+from common.disk import write_errors_explained
+from training.checkpoint import CheckpointDir
 from training.loop import seed_everything
+from training.run_lock import lock_run_folder
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+class TrainArgumentParser(ArgumentParser):
+    """Options may come between the key=value overrides (`... train.max_steps=10 --resume lr=1e-4`)."""
+
+    def parse_args(self, args=None, namespace=None):
+        return self.parse_intermixed_args(args, namespace)
 
 
 def train_parser(description: str) -> ArgumentParser:
     """--config, --resume and trailing key=value overrides, as all three trainers take them."""
-    parser = ArgumentParser(description=description)
+    parser = TrainArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML file under configs/")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
@@ -24,16 +36,46 @@ def train_parser(description: str) -> ArgumentParser:
 
 
 def start_run(args: argparse.Namespace, schema: type[T]) -> T:
-    """The run's config from --config and overrides; seeds everything (before any model is built,
-    so initial weights are reproducible) and records the config in the output folder. A folder that
-    already holds checkpoints is only continued (--resume), never silently trained over."""
+    """The run's config from --config and overrides, its output folder locked for this process, and
+    everything seeded (before any model is built, so initial weights are reproducible).
+
+    A folder that already holds checkpoints is only continued (--resume), never silently trained
+    over; partial writes left there by a killed run are removed. The config is recorded in the
+    folder by `train`, once the run has really started.
+    """
     cfg = load_config(args.config, schema, args.overrides)
     out = Path(cfg.train.output_dir)
-    if not args.resume and any((out / "checkpoints").glob("step_*")):
-        # A fresh run there would be pruned against the old run's later steps and export its weights.
-        raise ConfigError(f"{out} already holds a run's checkpoints: pass --resume to continue it, or choose "
-                          f"another train.output_dir")
+    if is_main_process():
+        lock_run_folder(out)
+        checkpoints = CheckpointDir(out / "checkpoints")
+        if not args.resume and checkpoints.steps():
+            # A fresh run there would be pruned against the old run's later steps and export its weights.
+            raise ConfigError(f"{out} already holds a run's checkpoints: pass --resume to continue it, or choose "
+                              f"another train.output_dir")
+        checkpoints.remove_leftovers()
+        for partial in out.glob(".*.tmp"):  # a model export killed half-way (see common.weights.atomic_write)
+            log.info("removed %s, left by an interrupted write", partial.name)
+            partial.unlink(missing_ok=True)
     seed_everything(cfg.train.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return cfg
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (or a single process), before accelerate is set up."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def export_errors(out: Path):
+    """A full disk or a refused write while exporting the final model, as a one-line error."""
+    return write_errors_explained("writing the final model", out,
+                                  "free space there, then run the same command with --resume to export again")
+
+
+def check_adam(lr: float, betas: list[float]) -> None:
+    """The trainers' optimizer settings in range (for their configs' `__post_init__`): an lr above 1 or
+    an infinite one only turns the weights non-finite, and torch cannot even hold one above 3.4e38."""
+    check_range("lr", lr, low=0, high=1, low_inclusive=False)
+    if len(betas) != 2:
+        raise ValueError(f"betas must be two numbers, got {betas!r}")
+    for beta in betas:
+        check_range("betas", beta, low=0, high=1, high_inclusive=False)

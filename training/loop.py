@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +23,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torchvision
+import yaml
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
-from common.cli import RunFailed
-from common.weights import load_state_dict_strict, load_torch, load_weights, read_metadata, save_torch, save_weights
-from training.checkpoint import CheckpointDir
+from common.cli import Interrupted
+from common.config import at_least, check_range
+from common.weights import write_text_atomic
+from training.checkpoint import CheckpointDir, Position, load_checkpoint, save_checkpoint
 from training.ema import EMA
+from training.finite import NonFiniteLossError, NonFiniteStateError, nonfinite
+from training.interrupt import InterruptFlag
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,17 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
 
-
-class NonFiniteLossError(RunFailed):
-    """A loss became NaN or infinite; the run stops without touching saved checkpoints."""
+    def __post_init__(self):
+        for name in ("batch_size", "max_steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            at_least(name, getattr(self, name), 1)
+        for name in ("image_every", "num_workers", "seed"):
+            at_least(name, getattr(self, name), 0)
+        if self.max_minutes is not None:
+            check_range("max_minutes", self.max_minutes, low=0, low_inclusive=False)
+        if self.grad_clip is not None:
+            check_range("grad_clip", self.grad_clip, low=0, low_inclusive=False)
+        if self.ema_decay is not None:
+            check_range("ema_decay", self.ema_decay, low=0, high=1, high_inclusive=False)
 
 
 class TrainingTask:
@@ -96,15 +107,14 @@ class TrainingTask:
         pass
 
 
-@dataclass
-class Position:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool = False,
+          run_config: dict | None = None) -> Path:
+    """Train until `cfg.max_steps`; return the folder of the last checkpoint.
 
-
-def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train until `cfg.max_steps`; return the folder of the last checkpoint."""
+    `run_config` (the whole run's config) is written to `<output_dir>/config.yaml` once the run has
+    really started: after its model is built and a --resume has loaded, never for a rejected config.
+    A Ctrl-C or SIGTERM saves the step reached and raises `Interrupted`.
+    """
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=cfg.mixed_precision,
@@ -115,6 +125,8 @@ def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool =
     ema = EMA(task.ema_target, cfg.ema_decay) if cfg.ema_decay and task.ema_target else None
     checkpoints = CheckpointDir(Path(cfg.output_dir) / "checkpoints", keep=cfg.keep_checkpoints)
     pos = _resume(checkpoints, task, ema, accelerator) if resume else Position()
+    if run_config is not None and accelerator.is_main_process:
+        write_text_atomic(Path(cfg.output_dir) / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
     _Run(task, ema, cfg, accelerator, checkpoints, pos, last_saved=pos.step if resume else -1).run(dataset)
     return checkpoints.latest()
 
@@ -124,7 +136,7 @@ def _resume(checkpoints: CheckpointDir, task: TrainingTask, ema: EMA | None, acc
     if latest is None:
         log.warning("--resume: no checkpoint in %s; starting from scratch", checkpoints.root)
         return Position()
-    pos = _load(latest, task, ema, accelerator)
+    pos = load_checkpoint(latest, task, ema, accelerator)
     log.info("resumed from %s (step %d)", latest, pos.step)
     return pos
 
@@ -165,7 +177,8 @@ class _Run:
         main = accelerator.is_main_process
         self.writer = _tensorboard(self.out) if main else None
         self.bar = tqdm(total=cfg.max_steps, initial=pos.step, disable=not main, dynamic_ncols=True)
-        self.interrupted = _InterruptFlag()
+        self.interrupted = InterruptFlag()
+        self.param_names = {id(p): f"{m}.{n}" for m, module in task.modules.items() for n, p in module.named_parameters()}
         self.meter = _Meter()
         self.started, self.out_of_time = self.meter.tic, False
 
@@ -179,9 +192,11 @@ class _Run:
             if self.writer:
                 self.writer.close()
             self.interrupted.restore()
-        if self.interrupted and self.pos.step != self.last_saved:
-            self.save()
-            log.warning("interrupted: saved step %d; continue with --resume", self.pos.step)
+        if self.interrupted:
+            if self.pos.step != self.last_saved:
+                self.save()
+            raise Interrupted(f"{self.interrupted.name} at step {self.pos.step}: saved {self.checkpoints.latest()}; "
+                              f"no model exported; continue with --resume", self.interrupted.signal_number)
 
     def epoch(self, dataset: Dataset) -> None:
         """The rest of the current epoch, or up to a stop; a finished epoch moves the position to the next."""
@@ -205,8 +220,19 @@ class _Run:
                     )
                 accelerator.backward(loss)
                 _optimizer_step(self.task, name, accelerator, self.cfg.grad_clip)
+                if accelerator.sync_gradients:
+                    self.check_finite(name)
                 self.meter.add(logs)
         self.meter.count(_batch_size(batch) * accelerator.num_processes)
+
+    def check_finite(self, name: str) -> None:
+        """Stop when optimizer `name`'s step left a parameter NaN or infinite (e.g. an infinite learning rate)."""
+        params = [(self.param_names.get(id(p), "?"), p) for g in self.task.optimizers[name].param_groups for p in g["params"]]
+        bad = nonfinite(params)
+        if bad:
+            raise NonFiniteStateError(
+                f"optimizer '{name}' made {len(bad)} weights NaN or infinite at step {self.pos.step + 1} (e.g. {bad[0]}; "
+                f"check optim.lr); stopping without saving (last good checkpoint: {self.checkpoints.latest() or 'none'})")
 
     def finish_step(self, batch: dict) -> bool:
         """EMA, logs, images and checkpoints after an optimizer step; True when the run is to stop."""
@@ -239,7 +265,7 @@ class _Run:
 
     def save(self) -> None:
         """A checkpoint of the current step."""
-        _save(self.checkpoints, self.pos, self.task, self.ema, self.accelerator)
+        save_checkpoint(self.checkpoints, self.pos, self.task, self.ema, self.accelerator)
         self.last_saved = self.pos.step
 
 
@@ -359,68 +385,6 @@ def _batch_size(batch: dict) -> int:
     return 0
 
 
-def _save(checkpoints: CheckpointDir, pos: Position, task: TrainingTask, ema: EMA | None, accelerator) -> None:
-    accelerator.wait_for_everyone()
-    rng = _rng_state()
-    if accelerator.is_main_process:
-        def fill(folder: Path) -> None:
-            for name, module in task.modules.items():
-                save_weights(module.state_dict(), folder / f"{name}.safetensors")
-            if ema is not None:
-                save_weights(ema.state_dict(), folder / "ema.safetensors", {"num_updates": ema.num_updates})
-            save_torch({
-                "optimizers": {k: o.state_dict() for k, o in task.optimizers.items()},
-                "schedulers": {k: s.state_dict() for k, s in task.schedulers.items()},
-                "task": task.extra_state(),
-            }, folder / "optimizers.pt")
-            save_torch({"step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
-                        "rng": {accelerator.process_index: rng}}, folder / "trainer_state.pt")
-        checkpoints.write(pos.step, fill)
-    accelerator.wait_for_everyone()
-
-
-def _load(folder: Path, task: TrainingTask, ema: EMA | None, accelerator) -> Position:
-    for name, module in task.modules.items():
-        path = folder / f"{name}.safetensors"
-        load_state_dict_strict(module, load_weights(path), path, what=f"the task's module '{name}'")
-    if ema is not None:
-        path = folder / "ema.safetensors"
-        ema.load_state_dict(load_weights(path), int(read_metadata(path).get("num_updates", 0)), source=path)
-    states = load_torch(folder / "optimizers.pt")
-    for k, o in task.optimizers.items():
-        o.load_state_dict(states["optimizers"][k])
-    for k, s in task.schedulers.items():
-        s.load_state_dict(states["schedulers"][k])
-    task.load_extra_state(states.get("task", {}))
-    trainer = load_torch(folder / "trainer_state.pt")
-    rng = trainer["rng"].get(accelerator.process_index)
-    if rng is not None:
-        _set_rng_state(rng)
-    return Position(trainer["step"], trainer["epoch"], trainer["batch_in_epoch"])
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": list(random.getstate()[1]) + [random.getstate()[0]] + [random.getstate()[2]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, key, *rest = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
-    py = state["python"]
-    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _tensorboard(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -440,27 +404,3 @@ def _write_images(task: TrainingTask, batch: dict, ema: EMA | None, out: Path, s
         torchvision.utils.save_image(grid, path)
         if writer:
             writer.add_image(name, grid, step)
-
-
-class _InterruptFlag:
-    """Turns the first Ctrl-C into a flag so the loop can save and stop between steps."""
-
-    def __init__(self):
-        self.hit = False
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-
-    def _handle(self, signum, frame):
-        if self.hit:  # a second Ctrl-C aborts at once
-            raise KeyboardInterrupt
-        self.hit = True
-        log.warning("Ctrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again aborts)")
-
-    def __bool__(self) -> bool:
-        return self.hit
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
