@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.cli import ArgumentParser, run
-from ldm.generation import check_output_folder
+from common.cli import ArgumentParser, check_output_folder, run
 
 ROOT = Path(__file__).resolve().parent
 MODEL_DIR = ROOT / "models" / "default"

@@ -33,11 +33,11 @@ from conditioning.edges import canny_hint
 from ldm.controlnet import ENCODER_PARTS, Control, load_controlnet
 from ldm.denoiser import SIGMA_SPACINGS, NoiseLevels
 from ldm.diffusion import Diffusion
-from ldm.generation import SAMPLERS, SizeLimits, check_output_folder, generate_latents, read_prompt_lines
+from ldm.generation import SAMPLERS, SizeLimits, generate_latents, read_prompt_lines
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.original_format import load_model, model_file_kind, read_model_configs
 from ldm.sampling_options import MAX_SEED, OptionError, SamplingOptions
-from common.cli import ArgumentParser, RunFailed, run
+from common.cli import ArgumentParser, RunFailed, check_output_folder, run
 from common.weights import atomic_write, file_sha256, load_state_dict_strict
 
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from autoencoder.config import AutoencoderConfig
 from autoencoder.model_file import load_autoencoder, read_autoencoder_config
 from autoencoder.perceptual import BACKBONE_FILES, DOWNLOAD_URL, LPIPS, default_backbone_path
-from common.cli import ArgumentParser, run
+from common.cli import ArgumentParser, check_output_file, run
 from common.weights import write_text_atomic
 from data import build_dataset
 from metrics.eval_data import data_config, iterate_batches, subset_size
@@ -106,7 +105,7 @@ def check_args(args: argparse.Namespace) -> int:
         raise ValueError(f"--seed must be an integer in [0, 2**64 - 1], got {args.seed}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device available")
-    check_out(args.out)
+    check_output_file(args.out, "--out")
     data_config(args.data, args.size or 64, "test")  # an unknown source or a missing folder
     cfg, _ = read_autoencoder_config(args.checkpoint)
     size = cfg.ddconfig.resolution if args.size is None else args.size
@@ -125,18 +124,6 @@ def check_size(size: int, cfg: AutoencoderConfig) -> None:
     if size > largest:
         raise ValueError(f"--size {size} is above this autoencoder's limit of {largest} ({MAX_SIZE_FACTOR}x its "
                          f"training resolution {cfg.ddconfig.resolution})")
-
-
-def check_out(path: Path) -> None:
-    """--out must be a file this process can write, checked before the evaluation runs rather than after.
-    (ldm.generation.check_output_file does the same above this package; common/ would be their place.)"""
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a folder; give the name of the file to write, e.g. {path / 'results.json'}")
-    folder = path.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {path}: {folder} is not a writable folder")
 
 
 def evaluate(args: argparse.Namespace) -> dict:

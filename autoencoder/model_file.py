@@ -35,15 +35,21 @@ def read_autoencoder_config(path: str | Path) -> tuple[AutoencoderConfig, float]
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     meta = read_metadata(path) if str(path).endswith(".safetensors") else {}
-    found = meta.get("format")
-    if found != FILE_FORMAT:
-        what = FILE_DESCRIPTIONS.get(found) if isinstance(found, str) else None
-        if what:
-            raise CheckpointError(f"{path} is {what}, not a stage-1 autoencoder file (train_stage1.py's "
-                                  "autoencoder.safetensors)")
-        raise CheckpointError(f"{path}: not a stage-1 autoencoder file written by train_stage1.py "
-                              "(no ldm-stage1 metadata)")
+    check_file_format(path, meta, FILE_FORMAT, "train_stage1.py's autoencoder.safetensors")
     return from_dict(AutoencoderConfig, meta["config"], source=str(path)), float(meta["scale_factor"])
+
+
+def check_file_format(path: str | Path, meta: dict, expected: str, usual_name: str) -> None:
+    """A CheckpointError unless `meta` (a weights file's metadata) has format `expected`; it says what the
+    file is instead when its format is one of ours, e.g. "x is a stage-2 model file ..., not a stage-1 ..."."""
+    found = meta.get("format")
+    if found == expected:
+        return
+    wanted = FILE_DESCRIPTIONS[expected].split(" written by ")[0]
+    what = FILE_DESCRIPTIONS.get(found) if isinstance(found, str) else None
+    if what:
+        raise CheckpointError(f"{path} is {what}, not {wanted} ({usual_name})")
+    raise CheckpointError(f"{path}: not {FILE_DESCRIPTIONS[expected]} (no {expected} metadata)")
 
 
 def load_autoencoder(path: str | Path) -> tuple[nn.Module, AutoencoderConfig, float]:

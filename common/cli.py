@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Callable
 
 from common.config import ConfigError
@@ -53,3 +55,33 @@ def run(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
         print("interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+
+
+def check_output_folder(path: str | Path, flag: str = "--out") -> None:
+    """A one-line ValueError naming `flag` unless `path` is a folder this process can write into, or one it
+    can create: checked before any work, so that a typo costs nothing and no run dies at its first write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder")
+    _check_writable_parent(path, flag)
+
+
+def check_output_file(path: str | Path, flag: str = "--out") -> None:
+    """As `check_output_folder`, for a file to be written (or replaced) at `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give the name of the file to write, e.g. {path / 'results.json'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path} is not writable")
+    _check_writable_parent(path.parent, flag)
+
+
+def _check_writable_parent(folder: Path, flag: str) -> None:
+    """The nearest existing folder of `folder` (itself, or where it would be created) must take new files."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: folder {existing} is not writable")

@@ -34,8 +34,7 @@ from PIL import Image
 
 from data import build_dataset
 from ldm.diffusion import Diffusion
-from ldm.generation import (SAMPLERS, SizeLimits, check_output_file, check_output_folder, generate_latents,
-                            read_prompt_lines)
+from ldm.generation import SAMPLERS, SizeLimits, generate_latents, read_prompt_lines
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.sampling_options import MAX_SEED, OptionError, SamplingOptions
 from metrics.clip_score import DEFAULT_ARCH, DEFAULT_WEIGHTS, try_load_clip_scorer
@@ -43,7 +42,7 @@ from metrics.eval_data import data_config, iterate_batches, subset_size
 from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
 from metrics.shapes_judge import ShapesJudge, adherence, parse_shapes_prompt
 from common.weights import write_text_atomic
-from common.cli import ArgumentParser, run
+from common.cli import ArgumentParser, check_output_file, check_output_folder, run
 
 log = logging.getLogger("ldm.evaluate")
 HELD_OUT_CAPTIONS = "held-out captions (test split)"

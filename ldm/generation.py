@@ -9,7 +9,6 @@ generator seeded seed + i, so it equals what seed + i gives alone, on any device
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,8 +26,8 @@ from .latent_diffusion import LatentDiffusionConfig
 from .samplers import SAMPLERS, randn, randn_like, repaint_path
 from .sampling_options import MAX_SEED, OptionError, SamplingOptions
 
-__all__ = ["SAMPLERS", "Control", "SamplingOptions", "SizeLimits", "check_output_file", "check_output_folder",
-           "generate_latents", "latent_mask", "read_prompt_lines", "sample_latents"]
+__all__ = ["SAMPLERS", "Control", "SamplingOptions", "SizeLimits", "generate_latents", "latent_mask",
+           "read_prompt_lines", "sample_latents"]
 
 # Command lines refuse image sides above this many times the training size (see `SizeLimits`).
 MAX_SIZE_FACTOR = 8
@@ -56,7 +55,8 @@ def sample_latents(
     - inpainting: mask [B, 1, h, w] (1 = repaint, 0 = keep) with init_latents; before every step the
       kept region is replaced by init_latents noised to the current level, and at the end by
       init_latents themselves. repaint_resamples > 1 adds RePaint's resampling (samplers that support
-      it): every `repaint_jump` steps go back up that many levels and denoise again.
+      it): every `repaint_jump` steps, counted from the clean end, go back up that many levels and
+      denoise again.
     options (or its `fields` as keywords): sampler, steps, spacing, eta, strength, repaint_*; unset
     defaults are filled by `SamplingOptions.resolve` for the denoiser's schedule. generators: one per
     image, drawing all its noise.
@@ -183,36 +183,6 @@ class SizeLimits:
     @property
     def _training(self) -> str:
         return f"{MAX_SIZE_FACTOR}x the {self.training_size} pixels it was trained at"
-
-
-def check_output_folder(path: str | Path, flag: str = "--out") -> None:
-    """A one-line ValueError naming `flag` unless `path` is a folder this process can write into, or one it
-    can create: checked before any work, so that a typo costs nothing and no run dies at its first write."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path} is a file, not a folder")
-    _check_writable_parent(path, flag)
-
-
-def check_output_file(path: str | Path, flag: str = "--out") -> None:
-    """As `check_output_folder`, for a file to be written (or replaced) at `path`."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give the name of the file to write, e.g. {path / 'results.json'}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{flag} {path} is not writable")
-    _check_writable_parent(path.parent, flag)
-
-
-def _check_writable_parent(folder: Path, flag: str) -> None:
-    """The nearest existing folder of `folder` (itself, or where it would be created) must take new files."""
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{flag} {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {folder}: folder {existing} is not writable")
 
 
 def latent_mask(mask: Tensor, latent_size: tuple[int, int]) -> Tensor:

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from autoencoder import AutoencoderConfig, build_autoencoder
-from autoencoder.model_file import FILE_DESCRIPTIONS
+from autoencoder.model_file import check_file_format
 from common.config import from_dict
-from common.weights import CheckpointError, load_state_dict_strict, load_weights, read_metadata, save_weights
+from common.weights import load_state_dict_strict, load_weights, read_metadata, save_weights
 from conditioning import TextEncoderConfig, build_text_encoder
 from ldm.diffusion import Diffusion, DiffusionConfig
 from ldm.unet import UNetConfig, UNetModel
@@ -126,14 +126,7 @@ class LatentDiffusion(nn.Module):
         """(config, autoencoder config, scale factor) of a file written by `save`, without its weights;
         a file of another kind is a CheckpointError that says what it is."""
         meta = read_metadata(path)
-        found = meta.get("format")
-        if found != FILE_FORMAT:
-            what = FILE_DESCRIPTIONS.get(found) if isinstance(found, str) else None
-            if what:
-                raise CheckpointError(f"{path} is {what}, not a stage-2 model file (train_stage2.py's "
-                                      "model.safetensors)")
-            raise CheckpointError(f"{path}: not a stage-2 model file written by train_stage2.py "
-                                  "(no ldm-stage2 metadata)")
+        check_file_format(path, meta, FILE_FORMAT, "train_stage2.py's model.safetensors")
         cfg = from_dict(LatentDiffusionConfig, meta["config"], source=str(path))
         ae_cfg = from_dict(AutoencoderConfig, meta["autoencoder"], source=str(path))
         return cfg, ae_cfg, meta["scale_factor"]
