@@ -73,7 +73,7 @@ class ControlNetTrainConfig:
     samples: ControlSampleConfig = field(default_factory=ControlSampleConfig)
     empty_prompt_rate: float = 0.5
     latent_cache: bool = False
-    latent_cache_dir: str = "runs/latent_cache"
+    latent_cache_dir: str | None = None  # None: <train.output_dir>/latent_cache; one folder shares it
 
     def __post_init__(self):
         check_range("empty_prompt_rate", self.empty_prompt_rate, low=0, high=1)
@@ -181,8 +181,9 @@ def main() -> None:
              "locked" if cfg.controlnet.sd_locked else "output blocks trainable")
     dataset = build_dataset(cfg.data)
     if cfg.latent_cache:
-        cache = latent_cache(dataset, model.autoencoder, fingerprint(args.stage2, cfg.data, dataset), cfg.latent_cache_dir,
-                             num_workers=cfg.train.num_workers)
+        key = fingerprint(args.stage2, cfg.data, dataset)
+        cache_dir = cfg.latent_cache_dir or Path(cfg.train.output_dir) / "latent_cache"
+        cache = latent_cache(dataset, model.autoencoder, key, cache_dir, num_workers=cfg.train.num_workers)
         dataset = HintedLatents(cache, dataset)
     task = ControlNetTask(cfg, model, controlnet)
     last = train(task, dataset, cfg.train, resume=args.resume, run_config=to_dict(cfg))

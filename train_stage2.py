@@ -73,7 +73,7 @@ class Stage2Config:
     caption_dropout: float = 0.1  # captions replaced by "", the unconditional input of guidance
     scale_factor: float | None = None  # None: from the stage-1 file's metadata
     latent_cache: bool = False
-    latent_cache_dir: str = "runs/latent_cache"
+    latent_cache_dir: str | None = None  # None: <train.output_dir>/latent_cache; one folder shares it
 
     def __post_init__(self):
         check_range("caption_dropout", self.caption_dropout, low=0, high=1)
@@ -109,7 +109,7 @@ class LatentDiffusionTask(TrainingTask):
         """Scaled latents [B, C, h, w]: a fresh posterior sample, from the cache or the images."""
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
-            return (mean + std * torch.randn_like(mean)) * self.model.scale_factor
+            return (mean * self.model.scale_factor + std * torch.randn_like(mean)) * self.model.scale_factor
         return self.model.encode_images(batch["image"])
 
     def training_step(self, batch, step):
@@ -175,7 +175,8 @@ def main() -> None:
     dataset = build_dataset(cfg.data)
     if cfg.latent_cache:
         key = fingerprint(args.first_stage or args.init_from, cfg.data, dataset)
-        dataset = latent_cache(dataset, model.autoencoder, key, cfg.latent_cache_dir, num_workers=cfg.train.num_workers)
+        cache_dir = cfg.latent_cache_dir or Path(cfg.train.output_dir) / "latent_cache"
+        dataset = latent_cache(dataset, model.autoencoder, key, cache_dir, num_workers=cfg.train.num_workers)
     task = LatentDiffusionTask(cfg, model)
     last = train(task, dataset, cfg.train, resume=args.resume, run_config=to_dict(cfg))
 

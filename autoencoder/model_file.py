@@ -13,12 +13,13 @@ from common.weights import CheckpointError, load_state_dict_strict, load_weights
 
 
 FILE_FORMAT = "ldm-stage1"
+STAGE2_FORMAT = "ldm-stage2"  # a stage-2 model file holds its autoencoder under "autoencoder."
 # What each weights file of this project says it is (its "format" metadata), so that a loader handed
 # another one can name it. The formats above stage 1 are written in ldm/ (latent_diffusion.py,
 # controlnet.py, original_format.py); stage 1 is the lowest package with a model file, so the list is here.
 FILE_DESCRIPTIONS = {
     FILE_FORMAT: "a stage-1 autoencoder file written by train_stage1.py",
-    "ldm-stage2": "a stage-2 model file written by train_stage2.py",
+    STAGE2_FORMAT: "a stage-2 model file written by train_stage2.py",
     "ldm-controlnet": "a ControlNet file written by train_controlnet.py",
     "ldm-original": "an original-format model file written by ldm.original_format.export_original",
 }
@@ -30,13 +31,33 @@ def save_autoencoder(model: nn.Module, cfg: AutoencoderConfig, path: str | Path,
 
 
 def read_autoencoder_config(path: str | Path) -> tuple[AutoencoderConfig, float]:
-    """(config, latent scale factor) of a file written by `save_autoencoder`, without reading its weights.
-    A CheckpointError says what the file is when it is another kind (e.g. a stage-2 model file)."""
+    """(config, latent scale factor) of the autoencoder in `path` without reading its weights: a file
+    written by `save_autoencoder`, or a stage-2 model file (which carries its autoencoder). A
+    CheckpointError says what the file is when it is another kind (e.g. a ControlNet file)."""
+    cfg, scale_factor, _ = _autoencoder_entry(path)
+    return cfg, scale_factor
+
+
+def load_autoencoder(path: str | Path) -> tuple[nn.Module, AutoencoderConfig, float]:
+    """(model in eval mode, its config, latent scale factor) from a stage-1 or stage-2 model file."""
+    cfg, scale_factor, prefix = _autoencoder_entry(path)
+    model = build_autoencoder(cfg)
+    load_state_dict_strict(model, load_weights(path, prefix=prefix), path,
+                           what="the autoencoder its metadata describes", file_key=lambda k: prefix + k)
+    return model.eval(), cfg, scale_factor
+
+
+def _autoencoder_entry(path: str | Path) -> tuple[AutoencoderConfig, float, str]:
+    """(config, scale factor, prefix of its tensors' names) of the autoencoder a model file holds."""
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     meta = read_metadata(path) if str(path).endswith(".safetensors") else {}
-    check_file_format(path, meta, FILE_FORMAT, "train_stage1.py's autoencoder.safetensors")
-    return from_dict(AutoencoderConfig, meta["config"], source=str(path)), float(meta["scale_factor"])
+    if meta.get("format") == STAGE2_FORMAT:
+        return from_dict(AutoencoderConfig, meta["autoencoder"], source=str(path)), float(meta["scale_factor"]), \
+            "autoencoder."
+    check_file_format(path, meta, FILE_FORMAT, "train_stage1.py's autoencoder.safetensors, or a stage-2 "
+                      "model.safetensors")
+    return from_dict(AutoencoderConfig, meta["config"], source=str(path)), float(meta["scale_factor"]), ""
 
 
 def check_file_format(path: str | Path, meta: dict, expected: str, usual_name: str) -> None:
@@ -50,11 +71,3 @@ def check_file_format(path: str | Path, meta: dict, expected: str, usual_name: s
     if what:
         raise CheckpointError(f"{path} is {what}, not {wanted} ({usual_name})")
     raise CheckpointError(f"{path}: not {FILE_DESCRIPTIONS[expected]} (no {expected} metadata)")
-
-
-def load_autoencoder(path: str | Path) -> tuple[nn.Module, AutoencoderConfig, float]:
-    """(model in eval mode, its config, latent scale factor) from a file written by `save_autoencoder`."""
-    cfg, scale_factor = read_autoencoder_config(path)
-    model = build_autoencoder(cfg)
-    load_state_dict_strict(model, load_weights(path), path, what="the autoencoder its metadata describes")
-    return model.eval(), cfg, scale_factor

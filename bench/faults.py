@@ -10,7 +10,7 @@ Every fault hits train_stage1.py / train_stage2.py as separate processes on tiny
 - disk full: a tmpfs too small for the run (mounting needs root; skipped otherwise). Survived =
   exit 1 with one line naming the lack of space, every checkpoint left on disk loads and is
   finite, and `--resume` on a larger disk finishes bit-identical to the uninterrupted run.
-- injections: NaN into a weight, an infinite learning rate, inf into a discriminator buffer the
+- injections: NaN into a weight, an infinite learning rate, inf into a discriminator weight the
   loss never reads. Survived = exit 1, one line, and every checkpoint on disk finite.
 - concurrent: two trainers started together on one folder. Survived = one exits 2 naming the
   other, the other finishes with the uninterrupted run's bytes.
@@ -163,7 +163,7 @@ def disk_full(c: Campaign, n: int, reference: dict) -> tuple[int, int]:
     return min(n, 4), survived
 
 
-INJECTIONS = ("nan-weight", "inf-lr", "inf-buffer")
+INJECTIONS = ("nan-weight", "inf-lr", "inf-idle-weight")
 
 
 def injections(c: Campaign, n: int) -> tuple[int, int]:
@@ -265,7 +265,7 @@ def main() -> None:
     tried, ok, in_save = kills(c, args.kills, reference, random.Random(args.seed))
     rows.append((f"kill -9, then --resume ({in_save} during a save)", tried, ok))
     rows.append(("disk full (tmpfs), then --resume elsewhere", *disk_full(c, args.disk_full, reference)))
-    rows.append(("NaN / inf injected into weights, lr, buffers", *injections(c, args.injections)))
+    rows.append(("NaN / inf injected into a weight, the lr, an idle discriminator", *injections(c, args.injections)))
     rows.append(("two trainers started on one folder", *concurrent(c, args.concurrent, reference)))
     rows.append(("SIGINT / SIGTERM, then --resume", *interrupts(c, reference)))
     table = ["| fault | tried | survived | lost |", "|---|---:|---:|---:|"]

@@ -26,6 +26,10 @@ import yaml.reader
 
 T = TypeVar("T")
 
+# The project's own folder: a relative config path that is not found from the current folder is looked
+# up here, so the shipped configs work from anywhere (`--config configs/ldm/emoji64.yaml` or `ldm/emoji64`).
+PROJECT = Path(__file__).resolve().parents[1]
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit its schema."""
@@ -36,9 +40,7 @@ def load_config(path: str | Path, schema: type[T], overrides: list[str] | tuple[
 
     `overrides` are strings `a.b.c=value`; the value is parsed as YAML (`lr=1e-4`, `ch_mult=[1,2]`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    path = find_config(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -52,6 +54,24 @@ def load_config(path: str | Path, schema: type[T], overrides: list[str] | tuple[
     for item in overrides:
         apply_override(raw, item, source=str(path))
     return from_dict(schema, raw, source=str(path))
+
+
+def find_config(path: str | Path) -> Path:
+    """The config file `path` names: as given when it exists (or is absolute), else the same relative path
+    in the project folder, else a shipped config by name (`ldm/emoji64` for configs/ldm/emoji64.yaml).
+    A ConfigError lists where it looked."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    candidates = [] if path.is_absolute() else [PROJECT / path, PROJECT / "configs" / path,
+                                                 PROJECT / "configs" / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder, not a YAML file")
+    where = f" (nor in {PROJECT} or its configs/ folder)" if candidates else ""
+    raise ConfigError(f"config file not found: {path}{where}")
 
 
 def apply_override(raw: dict, item: str, source: str = "command line") -> None:

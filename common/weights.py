@@ -83,17 +83,22 @@ def _canonical_header(path: str) -> None:
         f.write(text + b" " * (size - len(text)))
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_weights(path: str | Path, device: str | torch.device = "cpu", prefix: str = "") -> dict[str, torch.Tensor]:
     """Read a weights file: safetensors, or a torch pickle under `weights_only=True`.
 
     A `.ckpt` holding {"state_dict": ...} is unwrapped. Anything else is a clear CheckpointError.
+    With `prefix`, only the tensors named `prefix...`, under their names without it (a safetensors
+    file reads only those).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path), device=str(device))
+            if not prefix:
+                return load_file(str(path), device=str(device))
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     state = load_torch(path, map_location=device)
@@ -101,7 +106,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k[len(prefix):]: v for k, v in state.items() if isinstance(v, torch.Tensor) and k.startswith(prefix)}
 
 
 def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path, *,

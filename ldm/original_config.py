@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from autoencoder import AutoencoderConfig, DDConfig
-from common.config import from_dict
+from common.config import ConfigError, find_config, from_dict, yaml_error_line
 from conditioning import TextEncoderConfig
 from ldm.diffusion import DiffusionConfig
 from ldm.latent_diffusion import LatentDiffusionConfig, check_text_to_image_unet
@@ -77,14 +77,13 @@ def parse_original_config(raw: dict | str | Path) -> OriginalModelConfig:
     """
     source = "original config"
     if not isinstance(raw, dict):
-        path = Path(raw)
-        if not path.is_file():
-            raise FileNotFoundError(f"config not found: {path}")
+        path = find_config(raw)
         source = str(path)
+        text = path.read_text(encoding="utf-8")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(yaml_error_line(e, source, text)) from None
     if not isinstance(raw, dict) or "model" not in raw:
         raise ValueError(f"{source}: no top-level 'model' section (expected an original LDM/SD config)")
     model_target = _target(raw["model"], f"{source}: model", LDM_TARGETS)

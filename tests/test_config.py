@@ -1,11 +1,14 @@
 """Typed YAML configs: overrides, unknown and missing keys, types, ranges; every error one line."""
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
 
 from common.config import ConfigError, at_least, check_range, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -89,6 +92,21 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(tmp_path / "none.yaml", Outer)
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(_write(tmp_path, "model:\n  ch: 1\n"), Outer, ["lr"])
+
+
+def test_shipped_configs_are_found_from_any_folder(tmp_path, monkeypatch):
+    from train_stage1 import Stage1Config
+    monkeypatch.chdir(tmp_path)
+    by_path = load_config("configs/autoencoder/tiny-kl.yaml", Stage1Config)
+    by_name = load_config("autoencoder/tiny-kl", Stage1Config)
+    assert by_path == by_name and by_path.model.ddconfig.z_channels > 0
+    local = tmp_path / "configs" / "autoencoder" / "tiny-kl.yaml"  # a file of the user's own wins
+    local.parent.mkdir(parents=True)
+    shipped = (ROOT / "configs/autoencoder/tiny-kl.yaml").read_text()
+    local.write_text(shipped.replace("scale_factor_batches: 2", "scale_factor_batches: 3"))
+    assert load_config("configs/autoencoder/tiny-kl.yaml", Stage1Config).scale_factor_batches == 3
+    with pytest.raises(ConfigError, match=r"config file not found: ldm/nothing \(nor in .* or its configs/ folder\)"):
+        load_config("ldm/nothing", Stage1Config)
 
 
 def _one_line_error(path, schema=Outer, overrides=()) -> str:

@@ -77,10 +77,20 @@ def test_stage2_resume_is_exact_and_exports_ema(tmp_path, stage1_file, monkeypat
     exported = model.unet.state_dict()
     assert all(torch.equal(exported[k], ema[f"unet.{k}"]) for k in exported)
     assert not all(torch.equal(exported[k], a[k]) for k in exported)
+    # The model file carries its (frozen) autoencoder: readable as one, e.g. by autoencoder.evaluate.
+    inside, _, scale = load_autoencoder(straight / "model.safetensors")
+    trained, _, _ = load_autoencoder(stage1_file)
+    assert scale == model.scale_factor
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in inside.state_dict().items())
 
 
 def test_a_finished_run_is_not_trained_over_without_resume(tmp_path, stage1_file, monkeypatch):
-    out = _stage2(tmp_path, stage1_file, monkeypatch, "a", "train.max_steps=2")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = _stage2(tmp_path, stage1_file, monkeypatch, "a", "train.max_steps=2", "latent_cache_dir=null")
+    assert (out / "latent_cache").is_dir() and not (tmp_path / "cache").exists()  # in its own folder by default
+    assert not any(elsewhere.iterdir())  # nothing written outside train.output_dir
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(ConfigError, match="already holds a run's checkpoints: pass --resume"):
         _stage2(tmp_path, stage1_file, monkeypatch, "a", "train.max_steps=1")
