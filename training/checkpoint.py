@@ -1,9 +1,9 @@
 """A training run's checkpoints: folders `step_XXXXXXXX/`, each complete or absent, and what goes in them.
 
-Each holds the task's modules and EMA (safetensors), its optimizer, scheduler and extra state and
-the position and RNG states (`torch.save`, read back with weights_only=True). `trainer_state.pt` is
-written last, so a folder with it is complete; a save killed half-way leaves a `.step_*` temporary
-folder, removed at the next start.
+Each holds the task's modules and EMA (safetensors), its optimizer, scheduler and extra state, fp16's
+GradScaler state, and the position and RNG states (`torch.save`, read back with weights_only=True).
+`trainer_state.pt` is written last, so a folder with it is complete; a save killed half-way leaves a
+`.step_*` temporary folder, removed at the next start.
 """
 from __future__ import annotations
 
@@ -128,6 +128,7 @@ def save_checkpoint(checkpoints: CheckpointDir, pos: Position, task: TrainingTas
                 "optimizers": optimizers,
                 "schedulers": {k: s.state_dict() for k, s in task.schedulers.items()},
                 "task": task.extra_state(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
             }, folder / "optimizers.pt")
             save_torch({"step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
                         "rng": {accelerator.process_index: rng}}, folder / "trainer_state.pt")
@@ -157,6 +158,9 @@ def load_checkpoint(folder: Path, task: TrainingTask, ema: EMA | None, accelerat
     for k, s in task.schedulers.items():
         s.load_state_dict(states["schedulers"][k])
     task.load_extra_state(states.get("task", {}))
+    # Absent from checkpoints written before it was saved, and from bf16 / fp32 runs: the scaler starts fresh.
+    if accelerator.scaler is not None and states.get("scaler"):
+        accelerator.scaler.load_state_dict(states["scaler"])
     trainer = load_torch(folder / "trainer_state.pt")
     rng = trainer["rng"].get(accelerator.process_index)
     if rng is not None:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torchvision
 import yaml
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
@@ -223,6 +224,8 @@ class _Run:
                 if accelerator.sync_gradients:
                     self.check_finite(name)
                 self.meter.add(logs)
+            if accelerator.sync_gradients and accelerator.scaler is not None:
+                accelerator.scaler.update()  # once per step, after every optimizer's: see _optimizer_step
         self.meter.count(_batch_size(batch) * accelerator.num_processes)
 
     def check_finite(self, name: str) -> None:
@@ -287,15 +290,27 @@ def _autocast_steps(steps: Iterator, accelerator) -> Iterator:
 
 
 def _optimizer_step(task: TrainingTask, name: str, accelerator, grad_clip: float | None) -> None:
-    # AcceleratedOptimizer skips step/zero_grad on accumulation micro-steps; averaging and clipping must too.
-    optimizer = task.optimizers[name]
+    """Average, clip and step optimizer `name` when an accumulation ends (AcceleratedOptimizer skips the others).
+
+    With fp16's GradScaler only this optimizer's gradients are unscaled, and the scale is left for
+    `micro_step` to update once every optimizer has stepped: accelerate's clip_grad_norm_ unscales all
+    prepared optimizers and AcceleratedOptimizer.step updates the scale after each, so a later optimizer's
+    earlier micro-batches were unscaled twice, or with another scale than its last (issue 24).
+    """
+    optimizer, scaler = task.optimizers[name], accelerator.scaler
+    inner = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
     if accelerator.sync_gradients:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if accelerator.num_processes > 1:
             _average_gradients(params, accelerator.num_processes)
         if grad_clip:
-            accelerator.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
+            if scaler is not None:
+                scaler.unscale_(inner)  # the scaler records it, so its step does not unscale again
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is not None and accelerator.sync_gradients:
+        scaler.step(inner)
+    else:
+        optimizer.step()
     if name in task.schedulers and accelerator.sync_gradients:
         task.schedulers[name].step()
     optimizer.zero_grad(set_to_none=True)
