@@ -121,6 +121,9 @@ def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool =
         mixed_precision=cfg.mixed_precision,
         step_scheduler_with_optimizer=False,
     )
+    if cfg.mixed_precision == "fp16" and accelerator.scaler is None:
+        log.warning("train.mixed_precision=fp16 runs in fp32 on %s (accelerate has no fp16 loss scaling there); "
+                    "bf16 is the low-precision setting for CPUs", accelerator.device)
     seed_everything(cfg.seed + accelerator.process_index)
     task.setup(accelerator)
     ema = EMA(task.ema_target, cfg.ema_decay) if cfg.ema_decay and task.ema_target else None
