@@ -109,7 +109,7 @@ class LatentDiffusionTask(TrainingTask):
         """Scaled latents [B, C, h, w]: a fresh posterior sample, from the cache or the images."""
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
-            return (mean * self.model.scale_factor + std * torch.randn_like(mean)) * self.model.scale_factor
+            return (mean + std * torch.randn_like(mean)) * self.model.scale_factor
         return self.model.encode_images(batch["image"])
 
     def training_step(self, batch, step):
