@@ -135,6 +135,24 @@ def test_fresh_controlnet_leaves_the_unet_output_exactly_unchanged():
         assert torch.equal(ControlledModel(unet, [Control(net, hint, scale=3.0)], batch=2)(x, t, context), plain)
 
 
+def test_fresh_hint_encoder_adds_nothing_to_the_features_not_even_a_constant():
+    # The zero convs hide the encoder copy's features at the start; look through them (identity 1x1
+    # convs): the features with a hint must be those without one, as in the original, whose last hint
+    # conv starts at zero, bias included (a nonzero bias would shift input block 0's output by a constant).
+    net = ControlNet.from_unet(tiny_unet()).eval()
+    x, t, context, hint = inputs()
+    with torch.no_grad():
+        assert not net.input_hint_block(hint).any() and not net.input_hint_block(torch.ones_like(hint)).any()
+        for conv in [block[0] for block in net.zero_convs] + [net.middle_block_out[0]]:
+            conv.weight.copy_(torch.eye(conv.out_channels).view(conv.out_channels, conv.in_channels, 1, 1))
+        features = net(x, hint, t, context)
+        handle = net.input_hint_block.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+        without_hint = net(x, hint, t, context)
+        handle.remove()
+    assert len(features) == len(without_hint) == 5 and all(f.abs().max() > 0 for f in features)
+    assert all(torch.equal(a, b) for a, b in zip(features, without_hint))
+
+
 def trained_pair(seed: int = 0) -> tuple[UNetModel, ControlNet]:
     """A U-Net and a ControlNet whose zero convs and hint encoder look trained (non-zero)."""
     unet = tiny_unet(seed)

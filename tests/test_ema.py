@@ -32,12 +32,65 @@ def test_decay_follows_the_warm_up_until_it_reaches_the_cap():
     for _ in range(10):
         decays.append(ema.current_decay())
         ema.update(model)
-    # (1 + n) / (10 + n) for n = 1..8 (n = 8 gives exactly 0.5), then the cap 0.5 (n = 9: 10/19 > 0.5).
-    assert decays[:8] == [(1 + n) / (10 + n) for n in range(1, 9)]
+    # The warm-up 2/11, 3/12, ..., 9/18 (= 0.5 exactly), then the cap 0.5 (uncapped: 10/19, 11/20).
+    assert decays[:8] == [2 / 11, 3 / 12, 4 / 13, 5 / 14, 6 / 15, 7 / 16, 8 / 17, 9 / 18]
     assert decays[8:] == [0.5, 0.5]
     # From 0 towards 1, the shadow is 1 - prod(decays) = 1 - (9! / (18! / 10!)) * 0.25 = 1 - 1 / 19448.
     assert ema.shadow.weight.item() == pytest.approx(1 - 1 / 19448, abs=1e-12)
     assert ema.num_updates == 10
+
+
+def test_long_run_moves_a_tenth_of_the_way_once_the_warm_up_passes_the_cap():
+    # decay 0.9: the warm-up (1 + n) / (10 + n) reaches 0.9 at update n = 80 (81 / 90) and would go on to
+    # 151 / 160 at n = 150; the cap keeps every later update at 0.9. Each update is asked to move the
+    # shadow towards a target one unit above it, so the distance moved is 1 - decay: 9/11 of the way at
+    # n = 1, 9/89 at n = 79, then 1/10 for ever (9/160 at n = 150 without the cap).
+    model = nn.Linear(1, 1, bias=False).double()
+    ema = EMA(model, decay=0.9)
+    moved = {}
+    for n in range(1, 201):
+        before = ema.shadow.weight.item()
+        with torch.no_grad():
+            model.weight.fill_(before + 1.0)
+        ema.update(model)
+        moved[n] = ema.shadow.weight.item() - before
+    assert moved[1] == pytest.approx(9 / 11, abs=1e-12)
+    assert moved[79] == pytest.approx(9 / 89, abs=1e-12)
+    assert all(moved[n] == pytest.approx(0.1, abs=1e-12) for n in range(80, 201)), \
+        {n: moved[n] for n in (80, 81, 150, 200)}
+    assert ema.num_updates == 200 and ema.current_decay() == 0.9
+
+
+def test_default_decay_is_capped_at_0_9999_once_resumed_far_into_training():
+    model = nn.Linear(1, 1, bias=False).double()
+    ema = EMA(model)  # SD's 0.9999; the warm-up passes it after 89,991 updates
+    ema.load_state_dict(ema.state_dict(), num_updates=10**6)
+    with torch.no_grad():
+        model.weight.fill_(ema.shadow.weight.item() + 1.0)
+    before = ema.shadow.weight.item()
+    ema.update(model)
+    assert ema.shadow.weight.item() - before == pytest.approx(1e-4, rel=1e-9)  # uncapped: 9 / 1000011
+
+
+def test_buffers_and_frozen_parameters_follow_the_model_exactly_every_update():
+    # BatchNorm statistics (float and integer buffers) and a frozen parameter change at every step; the
+    # shadow must hold the model's current values, not an average of the past ones.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model[2].requires_grad_(False)
+    ema = EMA(model, decay=0.9)
+    for step in range(12):
+        with torch.no_grad():
+            model(torch.randn(8, 3) * (step + 1) + step)  # moves running_mean / running_var / count
+            model[2].weight.add_(1.0)  # a frozen weight set from outside the optimizer
+            model[0].weight.add_(1.0)  # a trained one: averaged, so it lags
+        ema.update(model)
+        for name, value in model.state_dict().items():
+            if name.startswith("0."):
+                continue
+            assert torch.equal(ema.shadow.state_dict()[name], value), (step, name)
+    assert ema.shadow[1].num_batches_tracked.item() == 12
+    assert (ema.shadow[0].weight < model[0].weight - 1.0).all()  # 12 units ahead, the average trails by > 1
 
 
 def test_buffers_are_copied_not_averaged():

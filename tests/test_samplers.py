@@ -269,3 +269,101 @@ def test_ddpm_fixed_variances(schedule):
     target = expected_output("ddpm", levels)[1]
     assert results["small"] < target < results["large"]
     assert results["small"] == pytest.approx(target, rel=0.15) and results["large"] == pytest.approx(target, rel=0.15)
+
+
+# -- RePaint: going back up the path re-noises with q(x_j | x_i) ------------------------------------
+
+TIMESTEPS = [900, 600, 300, 100]  # levels 0..3; level 4 is done
+
+
+def _alpha_bar_closed_form() -> torch.Tensor:
+    """LDM's scaled-linear schedule in float64 by hand: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def _around_the_jump(sampler, schedule, path, x, generators, jump_from):
+    """Run `sampler` along `path`; return the state reached at level `jump_from` (just before the path
+    goes back up) and the state the next step starts from (after the re-noising)."""
+    seen = {}
+
+    def callback(i, x_next, x0):
+        seen.setdefault("reached", {}).setdefault(i + 1, x_next.clone())  # the first visit of level i + 1
+
+    def before_step(i, x_now):
+        seen.setdefault("inputs", []).append((i, x_now.clone()))
+        return x_now
+
+    sampler(Denoiser(fixed_model, Diffusion(schedule)), x, TIMESTEPS, generators=generators, path=path,
+            callback=callback, before_step=before_step)
+    k = path.index(jump_from)  # the path's first k steps lead down to it; the jump follows
+    up_to = path[k + 1]
+    assert path[:k + 1] == list(range(k + 1)) and up_to < jump_from, path
+    level, renoised = seen["inputs"][k]  # the input of the first step after the jump
+    assert level == up_to
+    return seen["reached"][jump_from], renoised, up_to
+
+
+@pytest.mark.parametrize("path, jump_from", [
+    ([0, 1, 2, 3, 1, 2, 3, 4], 3),  # up two levels: t = 100 -> t = 600
+    ([0, 1, 2, 1, 2, 3, 4], 2),  # up one level: t = 300 -> t = 600
+])
+def test_ddim_repaint_renoises_with_the_forward_process_between_the_two_levels(schedule, path, jump_from):
+    # DDIM with eta = 0 draws no noise, so the generator's first draw is the re-noising's eps and
+    # x_j = sqrt(a_j / a_i) x_i + sqrt(1 - a_j / a_i) eps exactly (a = alpha_bar of the levels' timesteps).
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    reached, renoised, up_to = _around_the_jump(sample_ddim, schedule, path, x, torch.Generator().manual_seed(11),
+                                                jump_from)
+    ab = _alpha_bar_closed_form()
+    ratio = ab[TIMESTEPS[up_to]] / ab[TIMESTEPS[jump_from]]
+    assert 0.1 < ratio < 0.9  # neither square root is close to 1
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(11)).double()
+    expected = ratio.sqrt() * reached.double() + (1 - ratio).sqrt() * eps
+    torch.testing.assert_close(renoised.double(), expected, rtol=0, atol=2e-6)
+
+
+def test_ddpm_repaint_renoising_has_the_forward_process_mean_scale_and_variance(schedule):
+    # DDPM draws noise at every step as well, so check the re-noising statistically over 65,536 values:
+    # regressing the re-noised state on the state reached gives slope sqrt(a_j / a_i) and residual
+    # variance 1 - a_j / a_i (standard errors about 0.3% and 0.6%).
+    path, jump_from = [0, 1, 2, 3, 1, 2, 3, 4], 3
+    x = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0))
+    reached, renoised, up_to = _around_the_jump(sample_ddpm, schedule, path, x, torch.Generator().manual_seed(5),
+                                                jump_from)
+    ab = _alpha_bar_closed_form()
+    ratio = float(ab[TIMESTEPS[up_to]] / ab[TIMESTEPS[jump_from]])
+    a, b = reached.double().flatten(), renoised.double().flatten()
+    slope = float((a * b).sum() / (a * a).sum())
+    residual = b - slope * a
+    assert slope == pytest.approx(ratio**0.5, rel=0.02)
+    assert float(residual.mean()) == pytest.approx(0.0, abs=0.02)
+    assert float(residual.var()) == pytest.approx(1 - ratio, rel=0.03)
+
+
+def test_inpainting_with_repaint_renoises_the_unknown_region_to_the_forward_marginal(schedule):
+    # End to end through sample_latents. With a network predicting eps = 0, a DDIM step from level i to
+    # the next multiplies the state by sqrt(a_next / a_i), so the unknown region (pure noise at
+    # a_0 = alpha_bar(first level)) reaches level i with variance a_i / a_0; the jump back up to level j
+    # then gives variance (a_j / a_i)(a_i / a_0) + 1 - a_j / a_i. The network records its inputs.
+    inputs = []
+
+    def zero_eps(x, t):
+        inputs.append((float(t[0]), x.clone()))
+        return torch.zeros_like(x)
+
+    init = torch.zeros(1, 4, 128, 128)
+    mask = torch.ones(1, 1, 128, 128)
+    mask[..., :8] = 0  # a strip of known content; the rest (124 of 128 columns) is repainted
+    sample_latents(Denoiser(zero_eps, Diffusion(schedule)), init.shape, generators=gens(0, 1), sampler="ddim",
+                   steps=4, spacing="leading", eta=0.0, init_latents=init, mask=mask, strength=1.0,
+                   repaint_jump=2, repaint_resamples=2)
+    # Leading 4 of 1000: levels t = 750, 500, 250, 0; path 0 1 2 3 1 2 3 4 jumps from the state at
+    # level 3 (t = 0, reached but not yet denoised) back up to level 1 (t = 500).
+    assert [t for t, _ in inputs] == [750.0, 500.0, 250.0, 500.0, 250.0, 0.0]
+    ab = _alpha_bar_closed_form()
+    a0, a_i, a_j = float(ab[750]), float(ab[0]), float(ab[500])
+    before = inputs[2][1][..., 8:].double()  # at t = 250, on the way down: variance a(250) / a0
+    assert float(before.var()) == pytest.approx(float(ab[250]) / a0, rel=0.03)
+    after = inputs[3][1][..., 8:].double()  # at t = 500 again, after the jump
+    assert float(after.var()) == pytest.approx(a_j / a0 + 1 - a_j / a_i, rel=0.03)
+    assert abs(float(after.mean())) < 0.02
