@@ -1,9 +1,18 @@
-"""Classifier-free guidance (Ho & Salimans 2022) with optional guidance rescale (Lin et al. 2023).
+"""Classifier-free guidance (Ho & Salimans 2022) with optional guidance rescale (Lin et al. 2024).
 
 Guidance extrapolates from the unconditional towards the conditional network output,
 out = u + s (c - u), in whatever the network predicts (eps, x0 or v): each is an affine function of
 the others at fixed (x_t, t), so guiding any of them gives the same sampler input. Both halves come
 from ONE batched network call on [uncond, cond].
+
+Guidance rescale is not affine (it divides by a per-sample std), so the space it works in matters.
+It works on the v prediction, for every parameterization: Lin et al. ("Common diffusion noise
+schedules and sample steps are flawed", WACV 2024, section 3.4 and Algorithm 2) rescale "the model
+outputs", and their model is a v-prediction one (section 3.2), so x_pos, x_neg there are v. A v
+network is therefore rescaled exactly as in the paper and as diffusers' `rescale_noise_cfg`; an eps or
+x0 network's outputs are converted to v and back, so one denoiser gives the same images whichever way
+it is parameterized. diffusers rescales the raw output instead: eps for an eps model, x0 for an x0
+model, which differs from this (and from the paper's quantity) for those two kinds.
 """
 from __future__ import annotations
 
@@ -16,7 +25,7 @@ from .denoiser import NoiseLevels
 from .diffusion import Diffusion
 from .parameterization import parameterization
 
-X0_PREDICTION = parameterization("x0")
+V_PREDICTION = parameterization("v")
 ConditionalModel = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, context) -> raw output
 
 
@@ -26,13 +35,18 @@ def guide(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
 
 
 def rescale_guided(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
-    """Guidance rescale (Lin et al. 2023, eq. 15-16) on [B, ...] x0 predictions.
+    """Guidance rescale (Lin et al. 2024, eq. 14-16, Algorithm 2) on [B, ...] predictions (v, see the
+    module doc): guided * (phi std(cond) / std(guided) + 1 - phi), std per sample over all other dims.
 
     Large scales inflate the guided prediction's standard deviation (over-exposure); rescaling it
-    per sample to the conditional one's std and mixing by phi (0.7 in the paper) undoes that.
+    per sample to the conditional one's std and mixing by phi (0.7 in the paper) undoes that. A flat
+    guided prediction (std 0, where the paper's ratio is 0 / 0: at t = T - 1 of a zero-terminal-SNR
+    schedule v = -x0 is the predicted mean, flat for a flat image) is left as it is.
     """
     dims = tuple(range(1, guided.ndim))
-    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    std_guided = guided.std(dim=dims, keepdim=True)
+    ratio = torch.where(std_guided > 0, cond.std(dim=dims, keepdim=True) / std_guided, torch.ones_like(std_guided))
+    rescaled = guided * ratio
     return phi * rescaled + (1 - phi) * guided
 
 
@@ -45,7 +59,8 @@ class ClassifierFreeGuidance:
             the conditional half, not guided) and the noise levels that rescale needs.
         cond, uncond: text contexts [B, L, D]; uncond encodes the negative prompt or "".
         scale: guidance scale s; s = 1 calls the model on cond only (exactly the conditional model).
-        rescale: phi of guidance rescale, applied to the x0 prediction; 0 turns it off.
+        rescale: phi of guidance rescale, applied to the v prediction (see the module doc); 0 turns
+            it off.
     """
 
     def __init__(self, model: ConditionalModel, diffusion: Diffusion, cond: Tensor, uncond: Tensor | None,
@@ -74,11 +89,13 @@ class ClassifierFreeGuidance:
         return torch.cat([guided, out_cond[:, channels:]], dim=1)
 
     def _rescale(self, guided: Tensor, cond: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        if self.parameterization.name == "v":
+            return rescale_guided(guided, cond, self.rescale)
         alpha_bar = self.levels.alpha_bar(t.cpu()).to(x_t).reshape(-1, *([1] * (x_t.ndim - 1)))
-        _, x0_guided = self.parameterization.to_eps_x0(guided, x_t, alpha_bar)
-        _, x0_cond = self.parameterization.to_eps_x0(cond, x_t, alpha_bar)
-        x0 = rescale_guided(x0_guided, x0_cond, self.rescale)
-        # The eps that, with this x0, reproduces x_t (what an x0-network's output implies): the
-        # output stays consistent with the state.
-        eps, _ = X0_PREDICTION.to_eps_x0(x0, x_t, alpha_bar)
-        return self.parameterization.from_eps_x0(eps, x0, alpha_bar)
+
+        def to_v(out: Tensor) -> Tensor:
+            return V_PREDICTION.from_eps_x0(*self.parameterization.to_eps_x0(out, x_t, alpha_bar), alpha_bar)
+
+        v = rescale_guided(to_v(guided), to_v(cond), self.rescale)
+        # Back to this network's kind, with x_t: the output stays consistent with the state.
+        return self.parameterization.from_eps_x0(*V_PREDICTION.to_eps_x0(v, x_t, alpha_bar), alpha_bar)

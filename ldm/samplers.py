@@ -246,17 +246,26 @@ def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generators: Ge
                 **hooks) -> Tensor:
     """Heun's second-order method (EDM, Algorithm 1 without churn); the last step to 0 is Euler.
 
-    So is a first step from the zero-terminal-SNR stand-in sigma: from 4096 to a few, the trapezoid
-    multiplies the difference of the two slopes (noise estimates) by ~sigma / 2, while Euler there
-    is the exact DDIM step."""
+    A first step from the zero-terminal-SNR stand-in sigma (sigma = inf, where x / sigma is the unit
+    noise the sampler starts from) is the trapezoid in u = 1 / sigma instead: with y = x / sigma the
+    flow is dy/du = D(x, sigma), and u runs from 0, so
+        x_next = sigma_next y + (D + D_next) / 2,  D_next at the DDIM point sigma_next y + D,
+    second order like the other steps and exact in the limit. The trapezoid in sigma there multiplies
+    the difference of the two slopes by ~sigma / 2 (from 4096 to a few); the Euler (= DDIM) step used
+    before is first order: it misses c / (2 sigma_next) of the std in a direction of data variance c.
+    """
     sigmas = sigmas.tolist()
 
     def step(x: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
         sigma, sigma_next = sigmas[i], sigmas[j]
         denoised = denoiser.denoise(x, sigma)
+        if 0 < sigma_next and sigma >= ZERO_SNR_SIGMA_MAX * (1 - 1e-9):  # Karras gives 4095.9999999999973
+            scaled_noise = sigma_next / sigma * x
+            denoised_next = denoiser.denoise(scaled_noise + denoised, sigma_next)
+            return scaled_noise + (denoised + denoised_next) / 2, denoised
         d = (x - denoised) / sigma
         x_next = x + d * (sigma_next - sigma)
-        if 0 < sigma_next and sigma < ZERO_SNR_SIGMA_MAX:
+        if 0 < sigma_next:
             d_next = (x_next - denoiser.denoise(x_next, sigma_next)) / sigma_next
             x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
         return x_next, denoised
