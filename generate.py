@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "step count does not divide the schedule's 1000; the PNG records both)")
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
-                        help="phi of guidance rescale (0.7 in the paper)")
+                        help="phi of guidance rescale (0.7 in the paper), applied to the v prediction as in the "
+                             "paper (Lin et al. 2024); diffusers rescales an eps or x0 model's raw output instead")
     parser.add_argument("--spacing", choices=SIGMA_SPACINGS,
                         help="noise-level spacing (default per sampler; trailing for zero-terminal-SNR models)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (ddim only)")
