@@ -35,7 +35,7 @@ from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import check_model_file, load_model
 from train_stage2 import LatentDiffusionTask, OptimConfig
 from training import TrainConfig, ema_weights, eval_mode, train
-from training.cli import export_errors, start_run, train_parser
+from training.cli import export_errors, is_main_process, main_process_first, start_run, train_parser
 
 log = logging.getLogger("train_controlnet")
 
@@ -124,10 +124,11 @@ class ControlNetTask(LatentDiffusionTask):
         return ControlledModel(self.model.unet, [control], batch=x_t.shape[0])(x_t, t, context)
 
     def training_step(self, batch, step):
-        z = self.latents(batch)
-        context = self.text_contexts(drop_captions(batch["caption"], self.cfg.empty_prompt_rate))
-        terms = self.model.diffusion.training_losses(self.controlled_unet, z, {"context": context,
-                                                                               "hint": batch["hint"]})
+        generators = self.generators(batch)
+        z = self.latents(batch, generators)
+        context = self.text_contexts(drop_captions(batch["caption"], self.cfg.empty_prompt_rate, generators))
+        inputs = {"context": context, "hint": batch["hint"]}
+        terms = self.model.diffusion.training_losses(self.controlled_unet, z, inputs, generator=generators)
         loss = terms["loss"].mean()
         yield "unet", loss, {"loss": loss.item(), "mse": terms["mse"].mean().item()}
 
@@ -183,10 +184,13 @@ def main() -> None:
     if cfg.latent_cache:
         key = fingerprint(args.stage2, cfg.data, dataset)
         cache_dir = cfg.latent_cache_dir or Path(cfg.train.output_dir) / "latent_cache"
-        cache = latent_cache(dataset, model.autoencoder, key, cache_dir, num_workers=cfg.train.num_workers)
+        with main_process_first():  # built once; the other processes then read it
+            cache = latent_cache(dataset, model.autoencoder, key, cache_dir, num_workers=cfg.train.num_workers)
         dataset = HintedLatents(cache, dataset)
     task = ControlNetTask(cfg, model, controlnet)
     last = train(task, dataset, cfg.train, resume=args.resume, run_config=to_dict(cfg))
+    if not is_main_process():
+        return
 
     states = {k: m.state_dict() for k, m in task.trainable.items()}
     if cfg.train.ema_decay and last is not None:

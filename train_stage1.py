@@ -17,13 +17,15 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from autoencoder import build_autoencoder, build_autoencoder_loss, measure_scale_factor
 from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig
+from autoencoder.kl import AutoencoderKL
 from autoencoder.model_file import save_autoencoder
 from common.cli import run
 from common.config import at_least, to_dict
+from common.randomness import sample_generators
 from common.weights import load_weights
 from data import DataConfig, build_dataset
 from training import TrainConfig, TrainingTask, ema_weights, train
-from training.cli import check_adam, export_errors, start_run, train_parser
+from training.cli import check_adam, export_errors, is_main_process, start_run, train_parser
 
 log = logging.getLogger("train_stage1")
 
@@ -60,6 +62,10 @@ class AutoencoderTask(TrainingTask):
 
     def setup(self, accelerator) -> None:
         self.device = accelerator.device
+        if accelerator.num_processes > 1 and self.device.type == "cuda":
+            # The PatchGAN's batch statistics over the global batch, as one process has them (same
+            # parameter names; torch has no SyncBatchNorm on CPUs, where each process uses its own batch).
+            self.loss = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.loss)
         self.autoencoder.to(self.device).train()
         self.loss.to(self.device).train()
         betas = tuple(self.cfg.optim.betas)
@@ -75,7 +81,12 @@ class AutoencoderTask(TrainingTask):
 
     def training_step(self, batch, step):
         x = batch["image"]
-        x_hat, reg, *vq_info = self.autoencoder(x)  # KL: (x_hat, posterior); VQ: (x_hat, q_loss, info)
+        if isinstance(self.autoencoder, AutoencoderKL) and "sample_key" in batch:
+            # Each sample's posterior draw from its own stream (common.randomness): any process count alike.
+            generators = sample_generators(self.cfg.train.seed, batch["sample_key"])
+            (x_hat, reg), vq_info = self.autoencoder(x, generator=generators), []
+        else:
+            x_hat, reg, *vq_info = self.autoencoder(x)  # KL: (x_hat, posterior); VQ: (x_hat, q_loss, info)
         loss, logs = self.loss.generator_loss(x, x_hat, reg, step, self.autoencoder.get_last_layer())
         if vq_info:
             logs.update(codebook_usage=float(vq_info[0].usage), perplexity=float(vq_info[0].perplexity))
@@ -102,6 +113,8 @@ def main() -> None:
     dataset = build_dataset(cfg.data)
     task = AutoencoderTask(cfg)
     last = train(task, dataset, cfg.train, resume=args.resume, run_config=to_dict(cfg))
+    if not is_main_process():
+        return
 
     model = task.autoencoder
     if cfg.train.ema_decay and last is not None:  # export the EMA weights

@@ -20,6 +20,7 @@ from torch import nn
 from autoencoder.model_file import load_autoencoder, read_autoencoder_config
 from common.cli import run
 from common.config import at_least, check_range, to_dict
+from common.randomness import Generators, randn_like, sample_generators
 from common.weights import load_weights
 from conditioning import drop_captions
 from conditioning.context_cache import ContextCache
@@ -29,7 +30,7 @@ from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.original_format import check_model_file, load_model
 from training import TrainConfig, TrainingTask, ema_weights, eval_mode, train
-from training.cli import check_adam, export_errors, start_run, train_parser
+from training.cli import check_adam, export_errors, is_main_process, main_process_first, start_run, train_parser
 
 log = logging.getLogger("train_stage2")
 
@@ -105,17 +106,22 @@ class LatentDiffusionTask(TrainingTask):
         self.modules = dict(self.trainable.items())
         self.ema_target = self.trainable
 
-    def latents(self, batch: dict) -> torch.Tensor:
+    def latents(self, batch: dict, generators: Generators = None) -> torch.Tensor:
         """Scaled latents [B, C, h, w]: a fresh posterior sample, from the cache or the images."""
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
-            return (mean + std * torch.randn_like(mean)) * self.model.scale_factor
-        return self.model.encode_images(batch["image"])
+            return (mean + std * randn_like(mean, generators)) * self.model.scale_factor
+        return self.model.encode_images(batch["image"], generator=generators)
+
+    def generators(self, batch: dict) -> Generators:
+        """Each sample's own random stream, so that neither batch size nor process count changes a draw."""
+        return sample_generators(self.cfg.train.seed, batch["sample_key"]) if "sample_key" in batch else None
 
     def training_step(self, batch, step):
-        z = self.latents(batch)
-        context = self.text_contexts(drop_captions(batch["caption"], self.cfg.caption_dropout))
-        terms = self.model.diffusion.training_losses(self.model, z, {"context": context})
+        generators = self.generators(batch)  # drawn from in this order: posterior, dropout, t, noise
+        z = self.latents(batch, generators)
+        context = self.text_contexts(drop_captions(batch["caption"], self.cfg.caption_dropout, generators))
+        terms = self.model.diffusion.training_losses(self.model, z, {"context": context}, generator=generators)
         loss = terms["loss"].mean()
         logs = {"loss": loss.item(), "mse": terms["mse"].mean().item()}
         if "vlb" in terms:
@@ -176,9 +182,12 @@ def main() -> None:
     if cfg.latent_cache:
         key = fingerprint(args.first_stage or args.init_from, cfg.data, dataset)
         cache_dir = cfg.latent_cache_dir or Path(cfg.train.output_dir) / "latent_cache"
-        dataset = latent_cache(dataset, model.autoencoder, key, cache_dir, num_workers=cfg.train.num_workers)
+        with main_process_first():  # built once; the other processes then read it
+            dataset = latent_cache(dataset, model.autoencoder, key, cache_dir, num_workers=cfg.train.num_workers)
     task = LatentDiffusionTask(cfg, model)
     last = train(task, dataset, cfg.train, resume=args.resume, run_config=to_dict(cfg))
+    if not is_main_process():
+        return
 
     states = {k: m.state_dict() for k, m in task.trainable.items()}
     if cfg.train.ema_decay and last is not None:  # sample with the EMA weights

@@ -10,6 +10,7 @@ import torch
 from autoencoder.base import LatentAutoencoder, drop_training_params
 from autoencoder.config import DDConfig, ddconfig_from
 from autoencoder.modules import match_memory_format
+from common.randomness import Generators, randn_like
 from layers import Conv2d
 
 
@@ -32,9 +33,13 @@ class DiagonalGaussianDistribution:
             self.std = torch.exp(0.5 * self.logvar)
             self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A reparameterised sample mean + std * eps, [B, C, h, w]."""
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator: Generators = None) -> torch.Tensor:
+        """A reparameterised sample mean + std * eps, [B, C, h, w]; a list of B generators draws each
+        sample's eps from its own (see common.randomness)."""
+        if generator is None or isinstance(generator, torch.Generator):
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        else:
+            noise = randn_like(self.mean, generator)
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -119,9 +120,14 @@ class AutoencoderLoss(nn.Module):
         """
         if last_layer is None or not torch.is_grad_enabled() or not (nll.requires_grad and g_loss.requires_grad):
             return torch.zeros((), device=nll.device)
-        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-        g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-        weight = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4)
+        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].float()
+        g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0].float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # The gradients of the global batch's losses (the mean of every process's), as one process has them.
+            both = torch.stack([nll_grad, g_grad])
+            dist.all_reduce(both)
+            nll_grad, g_grad = both / dist.get_world_size()
+        weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
         return weight.clamp(0.0, 1e4).detach() * self.disc_weight
 
     def generator_loss(

@@ -9,12 +9,14 @@ Gaussian p(x_{t-1} | x_t) that the DDPM sampler needs.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from common.randomness import Generators, randn_like
 
 from .parameterization import NoiseScales, Parameterization, ParameterizationName
 from .parameterization import parameterization as as_parameterization
@@ -173,12 +175,13 @@ class Diffusion:
         model_kwargs: dict | None = None,
         t: Tensor | None = None,
         noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> dict[str, Tensor]:
         """Per-sample training losses for a batch of clean latents x0 [B, C, ...].
 
         `model_fn(x_t, t, **model_kwargs)` returns [B, C, ...] ([B, 2C, ...] with learn_sigma).
-        t [B] and noise [B, C, ...] are drawn (with `generator`, if given) when not passed; only
+        t [B] and noise [B, C, ...] are drawn (with `generator`, if given; a list of B generators
+        draws each sample's from its own, see common.randomness) when not passed; only
         then does importance sampling apply, and it learns from the losses when grad is enabled.
 
         Returns a dict of [B] tensors:
@@ -216,9 +219,12 @@ class Diffusion:
         terms["loss"] = loss * weight
         return terms
 
-    def _timesteps(self, x0: Tensor, t: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def _timesteps(self, x0: Tensor, t: Tensor | None, generator: Generators) -> tuple[Tensor, Tensor]:
         """Timesteps [B] (drawn by the timestep sampler when not given) and their importance weights [B]."""
         batch = x0.shape[0]
+        if t is None and isinstance(generator, Sequence):  # one draw from each sample's own generator
+            drawn = [self.timestep_sampler.sample(1, x0.device, g) for g in generator]
+            return torch.cat([t for t, _ in drawn]), torch.cat([w for _, w in drawn])
         if t is None:
             return self.timestep_sampler.sample(batch, x0.device, generator)
         t = torch.as_tensor(t, device=x0.device).long()
@@ -229,8 +235,10 @@ class Diffusion:
         return t, torch.ones(batch, device=x0.device)
 
     @staticmethod
-    def _noise(x0: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
+    def _noise(x0: Tensor, noise: Tensor | None, generator: Generators) -> Tensor:
         """The given noise (checked against x0 [B, C, ...]), else fresh noise from `generator`'s device."""
+        if noise is None and isinstance(generator, Sequence):
+            return randn_like(x0, generator)
         if noise is None:
             device = generator.device if generator is not None else x0.device
             return torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)

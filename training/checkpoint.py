@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from common.cli import RunFailed
+from common.config import ConfigError
 from common.disk import check_free_space, write_errors_explained
 from common.weights import (load_state_dict_strict, load_torch, load_weights, read_metadata, save_torch, save_weights,
                             shared_mode)
@@ -105,43 +108,64 @@ class Position:
 
 
 
-def save_checkpoint(checkpoints: CheckpointDir, pos: Position, task: TrainingTask, ema: EMA | None, accelerator) -> None:
-    """Write step `pos.step`'s checkpoint, if the whole state is finite and the disk has room for it."""
+def save_checkpoint(checkpoints: CheckpointDir, pos: Position, task: TrainingTask, ema: EMA | None,
+                    accelerator) -> None:
+    """Write step `pos.step`'s checkpoint, if the whole state is finite and the disk has room for it.
+    The main process writes; when it fails, every process raises, so none waits for it forever."""
     accelerator.wait_for_everyone()
-    rng = _rng_state()
+    rngs = [_rng_state()]
+    if accelerator.num_processes > 1:  # every process's streams, so that each resumes its own
+        rngs = [None] * accelerator.num_processes
+        dist.all_gather_object(rngs, _rng_state())
+    failure = None
     if accelerator.is_main_process:
-        modules = {name: module.state_dict() for name, module in task.modules.items()}
-        optimizers = {k: o.state_dict() for k, o in task.optimizers.items()}
-        ema_state = ema.state_dict() if ema is not None else {}
-        tensors = [*state_tensors("", modules), *state_tensors("ema", ema_state), *state_tensors("optimizer", optimizers)]
-        bad = nonfinite(tensors)
-        if bad:
-            raise NonFiniteStateError(f"{len(bad)} tensors are NaN or infinite at step {pos.step} (e.g. {bad[0]}); "
-                                      f"not saved (last good checkpoint: {checkpoints.latest() or 'none'})")
-
-        def fill(folder: Path) -> None:
-            for name, state in modules.items():
-                save_weights(state, folder / f"{name}.safetensors")
-            if ema is not None:
-                save_weights(ema_state, folder / "ema.safetensors", {"num_updates": ema.num_updates})
-            save_torch({
-                "optimizers": optimizers,
-                "schedulers": {k: s.state_dict() for k, s in task.schedulers.items()},
-                "task": task.extra_state(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-            }, folder / "optimizers.pt")
-            save_torch({"step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
-                        "rng": {accelerator.process_index: rng}}, folder / "trainer_state.pt")
-
-        what = f"checkpoint of step {pos.step}"
-        advice = (f"free space there or lower train.keep_checkpoints ({checkpoints.keep}), then --resume "
-                  f"(last good checkpoint: {checkpoints.latest() or 'none'})")
-        needed = sum(t.numel() * t.element_size() for _, t in tensors) + SAVE_MARGIN
-        checkpoints.root.mkdir(parents=True, exist_ok=True)
-        with write_errors_explained(what, checkpoints.root, advice):
-            check_free_space(checkpoints.root, needed, what, advice)
-            checkpoints.write(pos.step, fill)
+        try:
+            _write_checkpoint(checkpoints, pos, task, ema, accelerator, dict(enumerate(rngs)))
+        except (RunFailed, ConfigError) as error:
+            failure = error
+    if accelerator.num_processes > 1:
+        failed = torch.tensor([float(failure is not None)], device=accelerator.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and failure is None:
+            raise RunFailed(f"the main process could not save the checkpoint of step {pos.step} (its error says why)")
+    if failure is not None:
+        raise failure
     accelerator.wait_for_everyone()
+
+
+def _write_checkpoint(checkpoints: CheckpointDir, pos: Position, task: TrainingTask, ema: EMA | None, accelerator,
+                      rngs: dict[int, dict]) -> None:
+    modules = {name: module.state_dict() for name, module in task.modules.items()}
+    optimizers = {k: o.state_dict() for k, o in task.optimizers.items()}
+    ema_state = ema.state_dict() if ema is not None else {}
+    tensors = [*state_tensors("", modules), *state_tensors("ema", ema_state), *state_tensors("optimizer", optimizers)]
+    bad = nonfinite(tensors)
+    if bad:
+        raise NonFiniteStateError(f"{len(bad)} tensors are NaN or infinite at step {pos.step} (e.g. {bad[0]}); "
+                                  f"not saved (last good checkpoint: {checkpoints.latest() or 'none'})")
+
+    def fill(folder: Path) -> None:
+        for name, state in modules.items():
+            save_weights(state, folder / f"{name}.safetensors")
+        if ema is not None:
+            save_weights(ema_state, folder / "ema.safetensors", {"num_updates": ema.num_updates})
+        save_torch({
+            "optimizers": optimizers,
+            "schedulers": {k: s.state_dict() for k, s in task.schedulers.items()},
+            "task": task.extra_state(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+        }, folder / "optimizers.pt")
+        save_torch({"step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
+                    "rng": rngs}, folder / "trainer_state.pt")
+
+    what = f"checkpoint of step {pos.step}"
+    advice = (f"free space there or lower train.keep_checkpoints ({checkpoints.keep}), then --resume "
+              f"(last good checkpoint: {checkpoints.latest() or 'none'})")
+    needed = sum(t.numel() * t.element_size() for _, t in tensors) + SAVE_MARGIN
+    checkpoints.root.mkdir(parents=True, exist_ok=True)
+    with write_errors_explained(what, checkpoints.root, advice):
+        check_free_space(checkpoints.root, needed, what, advice)
+        checkpoints.write(pos.step, fill)
 
 
 def load_checkpoint(folder: Path, task: TrainingTask, ema: EMA | None, accelerator) -> Position:

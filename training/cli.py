@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 from typing import TypeVar
 
+import torch
+from accelerate import PartialState
+
 from common.cli import ArgumentParser
 from common.config import ConfigError, check_range, load_config
 from common.disk import write_errors_explained
@@ -45,6 +48,7 @@ def start_run(args: argparse.Namespace, schema: type[T]) -> T:
     """
     cfg = load_config(args.config, schema, args.overrides)
     out = Path(cfg.train.output_dir)
+    join_processes()
     if is_main_process():
         lock_run_folder(out)
         checkpoints = CheckpointDir(out / "checkpoints")
@@ -58,6 +62,29 @@ def start_run(args: argparse.Namespace, schema: type[T]) -> T:
             partial.unlink(missing_ok=True)
     seed_everything(cfg.train.seed)
     return cfg
+
+
+def join_processes() -> PartialState:
+    """Join this run's processes (torch.distributed: gloo on CPUs, nccl on GPUs) before any work, so
+    that e.g. a latent cache is built once; a launch that asked for several processes and started one,
+    or started several that cannot form one group, is a ConfigError naming the fix."""
+    if "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        # accelerate's simple launcher: it prepared a rendezvous for several processes, then ran one.
+        raise ConfigError("accelerate launch started one process although several were asked for: its --cpu / "
+                          "multi-CPU launcher needs MPI. Use `accelerate launch --multi_gpu --num_processes N ...` "
+                          "(on CPUs it runs N processes over gloo) or `torchrun --nproc_per_node N ...`")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise ConfigError(f"{launched} processes were launched but {state.num_processes} joined the run "
+                          f"({state.distributed_type}); on a machine without GPUs launch with torchrun or "
+                          "accelerate launch --multi_gpu")
+    return state
+
+
+def main_process_first():
+    """A context in which the main process runs first and the others wait for it (e.g. to build a cache)."""
+    return PartialState().main_process_first()
 
 
 def is_main_process() -> bool:

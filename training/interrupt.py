@@ -31,6 +31,11 @@ class InterruptFlag:
         self.signal_number = signum
         log.warning("%s: finishing this step, saving a checkpoint, then stopping (again aborts at once)", self.name)
 
+    def set(self, signum: int = signal.SIGINT) -> None:
+        """As if `signum` had come (another process of the run was signalled: every one stops)."""
+        if self.signal_number is None:
+            self.signal_number = signum
+
     @property
     def name(self) -> str:
         """'Ctrl-C' or the signal's name."""

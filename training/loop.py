@@ -11,6 +11,7 @@ each optimizer's gradients across processes before it steps, which works for any
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -117,6 +118,7 @@ def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool =
     A Ctrl-C or SIGTERM saves the step reached and raises `Interrupted`.
     """
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun) then join over gloo
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=cfg.mixed_precision,
         step_scheduler_with_optimizer=False,
@@ -182,7 +184,8 @@ class _Run:
         self.writer = _tensorboard(self.out) if main else None
         self.bar = tqdm(total=cfg.max_steps, initial=pos.step, disable=not main, dynamic_ncols=True)
         self.interrupted = InterruptFlag()
-        self.param_names = {id(p): f"{m}.{n}" for m, module in task.modules.items() for n, p in module.named_parameters()}
+        self.param_names = {id(p): f"{m}.{n}" for m, module in task.modules.items()
+                            for n, p in module.named_parameters()}
         self.meter = _Meter()
         self.started, self.out_of_time = self.meter.tic, False
 
@@ -217,7 +220,7 @@ class _Run:
         accelerator = self.accelerator
         with accelerator.accumulate():
             for name, loss, logs in _autocast_steps(self.task.training_step(batch, self.pos.step), accelerator):
-                if not torch.isfinite(loss.detach()).all():
+                if not self.agree(bool(torch.isfinite(loss.detach()).all()), all_of=True):  # every rank stops
                     raise NonFiniteLossError(
                         f"loss '{name}' is {loss.item()} at step {self.pos.step}; stopping without saving "
                         f"(last good checkpoint: {self.checkpoints.latest() or 'none'})"
@@ -233,12 +236,14 @@ class _Run:
 
     def check_finite(self, name: str) -> None:
         """Stop when optimizer `name`'s step left a parameter NaN or infinite (e.g. an infinite learning rate)."""
-        params = [(self.param_names.get(id(p), "?"), p) for g in self.task.optimizers[name].param_groups for p in g["params"]]
+        params = [(self.param_names.get(id(p), "?"), p)
+                  for g in self.task.optimizers[name].param_groups for p in g["params"]]
         bad = nonfinite(params)
         if bad:
             raise NonFiniteStateError(
-                f"optimizer '{name}' made {len(bad)} weights NaN or infinite at step {self.pos.step + 1} (e.g. {bad[0]}; "
-                f"check optim.lr); stopping without saving (last good checkpoint: {self.checkpoints.latest() or 'none'})")
+                f"optimizer '{name}' made {len(bad)} weights NaN or infinite at step {self.pos.step + 1} "
+                f"(e.g. {bad[0]}; check optim.lr); stopping without saving "
+                f"(last good checkpoint: {self.checkpoints.latest() or 'none'})")
 
     def finish_step(self, batch: dict) -> bool:
         """EMA, logs, images and checkpoints after an optimizer step; True when the run is to stop."""
@@ -253,15 +258,32 @@ class _Run:
             _write_images(self.task, batch, self.ema, self.out, pos.step, self.writer)
         if pos.step % cfg.checkpoint_every == 0 or pos.step == cfg.max_steps:
             self.save()
-        self.out_of_time = cfg.max_minutes is not None and time.perf_counter() - self.started > 60 * cfg.max_minutes
+        out_of_time = cfg.max_minutes is not None and time.perf_counter() - self.started > 60 * cfg.max_minutes
+        # Every rank stops at the same step: when one of them is signalled or out of time.
+        self.out_of_time = self.agree(out_of_time)
+        if self.agree(bool(self.interrupted)):
+            self.interrupted.set()
         stop = pos.step >= cfg.max_steps or bool(self.interrupted) or self.out_of_time
         if stop and self.out_of_time and pos.step != self.last_saved:
             self.save()
         return stop
 
+    def agree(self, flag: bool, all_of: bool = False) -> bool:
+        """`flag` of every process combined: any of them (all of them with `all_of`); one collective."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor([float(flag != all_of)], device=self.accelerator.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item()) != all_of
+
     def log_scalars(self) -> None:
-        """Mean losses and samples per second since the last call, to the bar and TensorBoard."""
+        """Mean losses over every process's batches and samples per second since the last call, to the bar
+        and TensorBoard."""
         rate, means = self.meter.rate(), self.meter.means()
+        if self.accelerator.num_processes > 1 and means:
+            values = torch.tensor(list(means.values()), dtype=torch.float64, device=self.accelerator.device)
+            dist.all_reduce(values)
+            means = dict(zip(means, (values / self.accelerator.num_processes).tolist()))
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in list(means.items())[:4]} | {"img/s": f"{rate:.1f}"})
         if self.writer:
             for k, v in means.items():
@@ -335,25 +357,32 @@ def _average_gradients(params: list[nn.Parameter], world: int) -> None:
 
 
 def _epoch_batches(dataset: Dataset, cfg: TrainConfig, pos: Position, accelerator) -> Iterator[dict]:
-    """This epoch's batches from `pos.batch_in_epoch` on, on the accelerator's device.
+    """This epoch's batches from `pos.batch_in_epoch` on, on the accelerator's device, each with the
+    keys of its samples as "sample_key" [B] (what their random draws are seeded by).
 
     A fresh DataLoader with its own seeded generator each epoch, so making one (at a resume,
     mid-epoch) does not draw from the global RNG that the training step uses.
     """
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + pos.epoch)
+    rank, world, size = accelerator.process_index, accelerator.num_processes, cfg.batch_size
     if isinstance(dataset, IterableDataset):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(pos.epoch)
         if hasattr(dataset, "skip"):
-            dataset.skip(pos.batch_in_epoch * cfg.batch_size, batch_size=cfg.batch_size)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, generator=generator)
+            dataset.skip(pos.batch_in_epoch * size, batch_size=size)
+        loader = DataLoader(dataset, batch_size=size, num_workers=cfg.num_workers, generator=generator)
+        # A stream has no keys: number its samples by position in the epoch's global batches.
+        keys = (torch.arange(size) + (b * world + rank) * size + (pos.epoch << 40)
+                for b in itertools.count(pos.batch_in_epoch))
     else:
-        sampler = EpochKeySampler(len(dataset), cfg.batch_size, pos.epoch, cfg.seed,
-                                  accelerator.process_index, accelerator.num_processes, pos.batch_in_epoch)
+        sampler = EpochKeySampler(len(dataset), size, pos.epoch, cfg.seed, rank, world, pos.batch_in_epoch)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, generator=generator,
                             persistent_workers=False, pin_memory=accelerator.device.type == "cuda")
-    for batch in loader:
-        yield _to_device(batch, accelerator.device)
+        keys = (torch.tensor(batch) for batch in sampler)
+    for batch, sample_keys in zip(loader, keys):
+        batch = _to_device(batch, accelerator.device)
+        batch["sample_key"] = sample_keys
+        yield batch
 
 
 class EpochKeySampler(torch.utils.data.Sampler):
