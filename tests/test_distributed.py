@@ -6,8 +6,10 @@ another number of processes, and a launch that would run one process or two unco
 one-line error.
 """
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,30 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path, stage1_file)
     _stage2(TWO, stage1_file, tmp_path / "one-two", 2, 3, "--resume")
     for resumed in ("two-one", "one-two"):
         assert _max_difference(tmp_path / "one", tmp_path / resumed, 3) < 1e-5, resumed
+
+
+def test_every_process_stops_at_the_same_step(tmp_path, stage1_file):
+    """A time limit and a SIGTERM (as schedulers send) reach the processes at different moments; they
+    agree on one step, save one checkpoint and exit alike."""
+    _stage2(TWO, stage1_file, tmp_path / "timed", 2, 100000, "train.max_minutes=0.002", "train.checkpoint_every=1000")
+    saved = [p.name for p in (tmp_path / "timed" / "checkpoints").iterdir()]
+    assert len(saved) == 1 and (tmp_path / "timed" / "model.safetensors").is_file()
+
+    command = [*TWO, ROOT / "train_stage2.py", *STAGE2, "--first-stage", stage1_file, "train.batch_size=2",
+               "train.max_steps=100000", "train.checkpoint_every=1000", f"train.output_dir={tmp_path / 'signalled'}"]
+    launcher = subprocess.Popen([str(c) for c in command], stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    events = tmp_path / "signalled" / "tensorboard"
+    deadline = time.monotonic() + 300
+    while not (events.is_dir() and any(events.iterdir())):  # training has started
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.5)
+    time.sleep(3)
+    launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
+    stderr = launcher.communicate(timeout=300)[1]
+    stopped = [line for line in stderr.splitlines() if line.startswith("interrupted: SIGTERM at step")]
+    assert len(stopped) == 2 and stopped[0] == stopped[1], stderr[-3000:]
+    step = int(stopped[0].split("at step ")[1].split(":")[0])
+    assert [p.name for p in (tmp_path / "signalled" / "checkpoints").iterdir()] == [f"step_{step:08d}"]
 
 
 def test_stage1_with_its_gan_trains_alike_on_two_processes(tmp_path):
