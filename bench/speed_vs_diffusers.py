@@ -57,7 +57,7 @@ from ldm.diffusion import Diffusion  # noqa: E402
 from ldm.generation import sample_latents  # noqa: E402
 from ldm.guidance import ClassifierFreeGuidance  # noqa: E402
 from layers import compile_for_inference  # noqa: E402
-from ldm.samplers import randn  # noqa: E402
+from common.randomness import randn  # noqa: E402
 from ldm.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
 from ldm.unet import UNetModel  # noqa: E402
 

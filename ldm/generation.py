@@ -19,11 +19,12 @@ from torch import Tensor
 
 from autoencoder import AutoencoderConfig
 from autoencoder.config import ddconfig_from
+from common.randomness import randn, randn_like
 from .controlnet import Control, ControlledModel
 from .denoiser import Denoiser
 from .guidance import ClassifierFreeGuidance
 from .latent_diffusion import LatentDiffusionConfig
-from .samplers import SAMPLERS, randn, randn_like, repaint_path
+from .samplers import SAMPLERS, repaint_path
 from .sampling_options import MAX_SEED, OptionError, SamplingOptions
 
 __all__ = ["SAMPLERS", "Control", "SamplingOptions", "SizeLimits", "generate_latents", "latent_mask",

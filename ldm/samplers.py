@@ -28,36 +28,19 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from common.randomness import Generators, randn_like
+
 from .denoiser import (SIGMA_SPACINGS, TIMESTEP_SPACINGS, ZERO_SNR_SIGMA_MAX, Denoiser, NoiseLevels, final_alphas,
                        make_sigmas, make_timesteps)
 from .diffusion import Diffusion
 from .schedule import NoiseSchedule
 
-Generators = torch.Generator | Sequence[torch.Generator] | None
 BeforeStep = Callable[[int, Tensor], Tensor]
 Callback = Callable[[int, Tensor, Tensor], None]
 Step = Callable[[Tensor, int, int], tuple[Tensor, Tensor]]  # (x, level i, next level j) -> (x, x0 prediction)
 Renoise = Callable[[Tensor, int, int], Tensor]  # (x, level i, higher level j) -> x
 
 # -- noise ------------------------------------------------------------------------------------------
-
-def randn(shape: Sequence[int], generators: Generators, device: torch.device | str = "cpu",
-          dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise [B, ...], drawn on the CPU so every device gets the same numbers.
-    A list of B generators gives image i its own stream (batch invariance)."""
-    if generators is None or isinstance(generators, torch.Generator):
-        noise = torch.randn(tuple(shape), generator=generators, dtype=dtype)
-    else:
-        if len(generators) != shape[0]:
-            raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
-        noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generators])
-    return noise.to(device)
-
-
-def randn_like(x: Tensor, generators: Generators) -> Tensor:
-    """`randn` shaped like x [B, ...], on its device and in its dtype."""
-    return randn(x.shape, generators, x.device, x.dtype)
-
 
 def renoise(x: Tensor, alpha_from: float, alpha_to: float, generators: Generators) -> Tensor:
     """Sample q(x_high | x_low): forward-diffuse a variance-preserving state to a noisier level."""
