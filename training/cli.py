@@ -74,6 +74,12 @@ def join_processes() -> PartialState:
                           "multi-CPU launcher needs MPI. Use `accelerate launch --multi_gpu --num_processes N ...` "
                           "(on CPUs it runs N processes over gloo) or `torchrun --nproc_per_node N ...`")
     state = PartialState(cpu=not torch.cuda.is_available())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ
+    if launched_by_accelerate and state.device.type == "cpu" and torch.get_num_threads() * state.num_processes < cores:
+        log.warning("torch uses %d thread(s) per process on %d cores: accelerate launch set OMP_NUM_THREADS=%s; "
+                    "pass --num_cpu_threads_per_process %d", torch.get_num_threads(), cores,
+                    os.environ.get("OMP_NUM_THREADS"), cores // state.num_processes)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != launched:
         raise ConfigError(f"{launched} processes were launched but {state.num_processes} joined the run "
