@@ -7,6 +7,9 @@ models/default/RECIPE.md). Writes `text-to-image/grid.png` (four prompts, four s
 few held-out emoji (`controlnet/source-*.png`), their Canny edges (`controlnet/edges-*.png`), the
 images the Canny ControlNet draws from them (`controlnet/<name>/`) and `controlnet/overview.png`
 with all of them side by side. Under a minute on 2 CPU cores (20 s on an AMD Zen 5, 55 s on a Zen 3).
+
+The demo's files have fixed names (generate.py --overwrite: `000-seed0.png` ... and `grid.png`), so a
+second `make demo` replaces the first one's instead of adding numbered copies beside them.
 """
 from __future__ import annotations
 
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = out / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     _python("generate.py", "--checkpoint", model, "--prompts-file", prompts, "--n", 4, "--sampler", "dpmpp-2m",
-            "--steps", 25, "--cfg", 3, "--out", out / "text-to-image")
+            "--steps", 25, "--cfg", 3, "--out", out / "text-to-image", "--overwrite")
 
     from conditioning.edges import canny, to_uint8_hwc
     from generate import grid
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         Image.fromarray(edges).save(out / "controlnet" / f"edges-{name}.png")
         _python("generate.py", caption, "--checkpoint", model, "--controlnet", controlnet, "--control", "canny",
                 "--control-image", source, "--n", 4, "--sampler", "dpmpp-2m", "--steps", 25, "--cfg", 3,
-                "--out", out / "controlnet" / name)
+                "--out", out / "controlnet" / name, "--overwrite")
         generated = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((out / "controlnet" / name).glob("0*.png"))]
         rows.append([np.asarray(image), np.repeat(edges[..., None], 3, axis=2), *generated])
     Image.fromarray(grid(rows)).save(out / "controlnet" / "overview.png")

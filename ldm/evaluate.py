@@ -1,7 +1,7 @@
 """Evaluate a text-to-image model on held-out captions.
 
-    python -m ldm.evaluate --checkpoint model.safetensors --data shapes [--n 500] [--sampler ddim]
-        [--steps 50] [--cfg 5] [--seed 0] [--out results.json]
+    python -m ldm.evaluate --checkpoint model.safetensors --data shapes [--n 500] [--sampler dpmpp-2m]
+        [--steps 25] [--cfg 3] [--seed 0] [--out results.json]
 
 For n captions of the data's test split (or the prompts of --prompts), generates one image each
 and reports, as JSON:
@@ -14,7 +14,9 @@ and reports, as JSON:
   clip_score      mean CLIP score when open_clip weights are available (else null and a note);
   model_evaluations  U-Net calls per image (one per evaluation: guidance batches both halves).
 
-Image i is generated with seed + i, so results do not depend on --batch-size.
+Image i is generated with seed + i, so results do not depend on --batch-size. The sampling defaults
+are generate.py's (DPM-Solver++ 2M, 25 steps, guidance 3), so the numbers describe what it draws. A
+progress bar per phase (held-out references, data floor, generation) counts images on stderr.
 
 In Python, `Evaluator` scores many settings (samplers, step counts, guidance scales, checkpoints
 of one architecture) against references it computes once; bench/quality_sweep.py drives it.
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from data import build_dataset
 from ldm.diffusion import Diffusion
@@ -49,6 +52,9 @@ HELD_OUT_CAPTIONS = "held-out captions (test split)"
 # The flag of each sampling setting the command line sets, so that an error names what the user typed.
 FLAGS = {"sampler": "--sampler", "steps": "--steps", "guidance": "--cfg", "seed": "--seed", "height": "--size",
          "width": "--size"}
+# generate.py's documented defaults (a script, so not importable from here; tests/test_evaluate.py checks
+# that both command lines agree).
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE = "dpmpp-2m", 25, 3.0
 
 
 class Evaluator:
@@ -126,7 +132,8 @@ class Evaluator:
         """Inception statistics of the n held-out images; computed on first call (also fixes the prompts)."""
         if self._held_out is None:
             started, stats, captions, labels = time.time(), FeatureStatistics(), [], []
-            for batch in iterate_batches(self.test_set, self.n, self.batch_size, self.seed):
+            for batch in self._counted(iterate_batches(self.test_set, self.n, self.batch_size, self.seed),
+                                       "held-out references"):
                 stats.update(self.features(batch.images))
                 captions += batch.captions
                 labels += batch.labels or []
@@ -143,14 +150,22 @@ class Evaluator:
         """FID of n training images against the held-out ones (None without a training set); cached."""
         if self._floor is None and self.train_set is not None:
             held_out, train_images = self.held_out_statistics(), FeatureStatistics()
-            for batch in iterate_batches(self.train_set, self.n, self.batch_size, self.seed):
+            for batch in self._counted(iterate_batches(self.train_set, self.n, self.batch_size, self.seed),
+                                       "data floor"):
                 train_images.update(self.features(batch.images))
             self._floor = fid_from_statistics(train_images, held_out)
             log.info("data floor: FID %.2f at n=%d", self._floor, self.n)
         return self._floor
 
-    def run(self, sampler: str = "ddim", steps: int = 50, cfg: float = 5.0, eta: float = 0.0,
-            save_images: Path | None = None) -> dict:
+    def _counted(self, batches, phase: str):
+        """Yield `batches` (with `.images`) while a bar on stderr counts their images up to n."""
+        with tqdm(total=self.n, desc=phase, unit="image", dynamic_ncols=True, leave=False) as bar:
+            for batch in batches:
+                yield batch
+                bar.update(len(batch.images))
+
+    def run(self, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_GUIDANCE,
+            eta: float = 0.0, save_images: Path | None = None) -> dict:
         """Generate the n images of one setting and score them; returns the results dict (module docstring)."""
         options = SamplingOptions(sampler=sampler, steps=steps, guidance=cfg, eta=eta, height=self.size, width=self.size)
         started = time.time()
@@ -160,8 +175,10 @@ class Evaluator:
         hook = self.model.unet.register_forward_hook(lambda *_: unet_calls.__setitem__(0, unet_calls[0] + 1))
         generation_started = time.time()
         total_batches = math.ceil(self.n / self.batch_size)
+        bar = tqdm(total=self.n, desc=f"{sampler} {steps} steps, cfg {cfg:g}", unit="image", dynamic_ncols=True,
+                   leave=False)
         try:
-            for index, first in enumerate(range(0, self.n, self.batch_size)):
+            for first in range(0, self.n, self.batch_size):
                 prompts = self.prompt_list[first:first + self.batch_size]
                 cpu = time.process_time()
                 latents = generate_latents(self.model, prompts, options, seed=self.seed + first)
@@ -174,10 +191,12 @@ class Evaluator:
                     clip_scores.append(self.clip.scores(images, prompts))
                 if save_images:
                     _save_pngs(images, save_images, first)
-                log.info("%s %d steps, cfg %g: batch %d/%d (%.0f s)", sampler, steps, cfg, index + 1, total_batches,
-                         time.time() - generation_started)
+                bar.update(len(prompts))
         finally:
+            bar.close()
             hook.remove()
+        log.info("%s %d steps, cfg %g: %d images generated and scored (%.0f s)", sampler, steps, cfg, self.n,
+                 time.time() - generation_started)
         generation_seconds = time.time() - generation_started
 
         return {
@@ -218,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=500, help="images per set, at least 2 (default 500)")
     parser.add_argument("--size", type=int, help="image size, a multiple of the model's downsampling up to 8x its "
                                                  "training size (default: from the model config, else 64)")
-    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS),
+                        help=f"(default {DEFAULT_SAMPLER}, as generate.py)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"(default {DEFAULT_STEPS}, as generate.py)")
+    parser.add_argument("--cfg", type=float, default=DEFAULT_GUIDANCE,
+                        help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g}, as generate.py)")
     parser.add_argument("--seed", type=int, default=0, help="0 .. 2**64 - 1; image i uses --seed + i")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -289,9 +310,31 @@ def check_args(args: argparse.Namespace) -> int:
     return size
 
 
+TRANSFORMERS_TEXT_ENCODERS = ("clip", "hf")  # TextEncoderConfig kinds built with transformers
+
+
+def hide_weight_loading_bar(text_encoder_kind: str) -> None:
+    """transformers 5 draws a "Loading weights" bar whenever it builds a model from files already on disk
+    (the default model's MiniLM: 103 tensors in a few milliseconds), on every run. Hide that bar only:
+    download bars (huggingface_hub's) stay. Other text encoders skip this, importing transformers costs
+    a second. (generate.py has the same; its home would be conditioning.pretrained_text_encoders.)"""
+    if text_encoder_kind not in TRANSFORMERS_TEXT_ENCODERS:
+        return
+    from transformers.utils import logging as transformers_logging
+
+    def hook(make_bar, args, kwargs):
+        if kwargs.get("desc") == "Loading weights":
+            kwargs = {**kwargs, "disable": True}
+        return make_bar(*args, **kwargs)
+
+    if hasattr(transformers_logging, "set_tqdm_hook"):  # transformers < 5 has neither the bar nor the hook
+        transformers_logging.set_tqdm_hook(hook)
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the evaluation `args` describes (see `build_parser`) and return the results dict."""
     size = check_args(args)
+    hide_weight_loading_bar(LatentDiffusion.read_configs(args.checkpoint)[0].text.kind)
     model = LatentDiffusion.load(args.checkpoint, device=args.device)
     evaluator = Evaluator(model, args.data, n=args.n, batch_size=args.batch_size, seed=args.seed, device=args.device,
                           size=size, prompts=args.prompts, train_data=args.train_data,

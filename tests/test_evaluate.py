@@ -3,6 +3,7 @@ against the same references) and bench/quality_sweep.py (grid parsing, cost acco
 clock, a tiny end-to-end sweep that resumes, the training-checkpoints mode)."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 
 from autoencoder import AutoencoderConfig, DDConfig, build_autoencoder
 from conditioning import TextEncoderConfig
-from ldm.evaluate import Evaluator, main
+import generate
+from ldm.evaluate import Evaluator, build_parser, main
 from ldm.generation import SAMPLERS, generate_latents
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.unet import UNetConfig
@@ -82,11 +84,14 @@ def test_references_are_computed_once_and_shared_by_other_weights(checkpoint):
     assert set(first["shapes"]) == {*sweep.ADHERENCE_COLUMNS, "all_attributes"}
 
 
-def test_cli_results_do_not_depend_on_the_batch_size(checkpoint, tmp_path):
+def test_cli_results_do_not_depend_on_the_batch_size(checkpoint, tmp_path, capsys):
     out = tmp_path / "results.json"
     main(["--checkpoint", str(checkpoint), "--data", "shapes", "--n", "3", "--size", str(SIZE), "--sampler", "heun",
           "--steps", "2", "--cfg", "2", "--batch-size", "2", "--no-clip", "--device", "cpu", "--out", str(out)])
     from_cli = json.loads(out.read_text())
+    progress = capsys.readouterr().err  # a bar per phase, counting images
+    for phase in ("held-out references", "data floor", "heun 2 steps, cfg 2"):
+        assert f"{phase}:   0%" in progress and "0/3 [" in progress, (phase, progress)
     # Another batch size: image i still comes from seed + i.
     from_run = _evaluator(checkpoint, n=3, batch_size=3).run("heun", 2, 2.0)
     assert from_cli.pop("seconds").keys() == from_run.pop("seconds").keys()
@@ -99,6 +104,16 @@ def test_cli_results_do_not_depend_on_the_batch_size(checkpoint, tmp_path):
         else:
             assert from_run[key] == value, key
     assert from_cli["model_evaluations"] == 3  # Heun: two evaluations per step, one in the last
+
+
+def test_defaults_are_generate_pys_documented_ones():
+    """README: DPM-Solver++ 2M, 25 steps, guidance 3; an evaluation scores what generate.py draws."""
+    evaluate_parser, generate_parser = build_parser(), generate.build_parser()
+    documented = {"sampler": "dpmpp-2m", "steps": 25, "cfg": 3.0}
+    assert {dest: generate_parser.get_default(dest) for dest in documented} == documented
+    assert {dest: evaluate_parser.get_default(dest) for dest in documented} == documented
+    run = inspect.signature(Evaluator.run).parameters
+    assert {dest: run[dest].default for dest in documented} == documented
 
 
 def test_evaluator_rejects_bad_settings(checkpoint):

