@@ -39,7 +39,7 @@ COMMANDS = {"generate": ["generate.py"], "demo": ["demo.py"], "ldm.evaluate": ["
             "autoencoder.evaluate": ["-m", "autoencoder.evaluate"], "train_stage1": ["train_stage1.py"],
             "train_stage2": ["train_stage2.py"], "train_controlnet": ["train_controlnet.py"]}
 TRAINED = ("config.yaml", "model.safetensors")  # what a trainer's output folder holds after an earlier run
-SENTINELS = {"generate": ("000-seed0.png", "grid.png"), "demo": ("prompts.txt",),
+SENTINELS = {"generate": ("00000-a-red-apple-seed0.png", "grid-00000-a-red-apple.png"), "demo": ("prompts.txt",),
              "ldm.evaluate": ("results.json",), "autoencoder.evaluate": ("results.json",),
              "train_stage1": TRAINED, "train_stage2": TRAINED, "train_controlnet": TRAINED}
 TIMEOUT = 600  # seconds; a row that starts sampling or evaluating on today's code may take a while

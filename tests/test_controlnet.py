@@ -429,9 +429,9 @@ def test_generate_cli_with_controlnets(tiny_model, trained, tmp_path, capsys):
                                     tmp_path / "photo.png", "--controlnet", controlnet, "--control", "none",
                                     "--control-image", tmp_path / "map.png", "--control-scale", 0.5,
                                     "--control-scale", 1.5, "--out", tmp_path / "out"]])
-    with Image.open(tmp_path / "out" / "000-seed0.png") as image:
+    with Image.open(next((tmp_path / "out").glob("00000-*-seed0.png"))) as image:
         assert image.size == (SIZE, SIZE)  # the control images set the size
-        params = json.loads(image.text["parameters"])
+        params = json.loads(image.text["ldm-generation"])
     assert params["control"] == ["canny", "none"] and params["control_scales"] == [0.5, 1.5]
     assert params["controlnets"] == ["controlnet.safetensors"] * 2
     assert "warning" not in capsys.readouterr().err  # trained on this very checkpoint

@@ -312,7 +312,7 @@ def test_generate_runs_an_original_file_with_config(exported, tmp_path):
     args = ["a red apple", "--checkpoint", str(path), "--config", str(config), "--steps", "2", "--size", str(SIZE),
             "--sampler", "ddim", "--out", str(tmp_path / "out"), "--device", "cpu"]
     generate.main(args)
-    assert (tmp_path / "out" / "000-seed0.png").is_file()
+    assert len(list((tmp_path / "out").glob("00000-*-seed0.png"))) == 1
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": load_file(str(path))}, ckpt)
     with pytest.raises(ValueError, match="pass its YAML config"):
