@@ -717,29 +717,6 @@ def warn_if_other_model(record: PngRecord | None, checkpoint: str, checkpoint_sh
               f"{checkpoint}; the images will differ", file=sys.stderr)
 
 
-# -- transformers' "Loading weights" bar ------------------------------------------------------------------
-
-TRANSFORMERS_TEXT_ENCODERS = ("clip", "hf")  # TextEncoderConfig kinds built with transformers
-
-
-def hide_weight_loading_bar(text_encoder_kind: str) -> None:
-    """transformers 5 draws a "Loading weights" bar whenever it builds a model from files already on disk
-    (the default model's MiniLM: 103 tensors in a few milliseconds), on every run. Hide that bar only:
-    download bars (huggingface_hub's) stay. Other text encoders skip this, importing transformers costs
-    a second. (ldm/evaluate.py has the same; its home would be conditioning.pretrained_text_encoders.)"""
-    if text_encoder_kind not in TRANSFORMERS_TEXT_ENCODERS:
-        return
-    from transformers.utils import logging as transformers_logging
-
-    def hook(make_bar, args, kwargs):
-        if kwargs.get("desc") == "Loading weights":
-            kwargs = {**kwargs, "disable": True}
-        return make_bar(*args, **kwargs)
-
-    if hasattr(transformers_logging, "set_tqdm_hook"):  # transformers < 5 has neither the bar nor the hook
-        transformers_logging.set_tqdm_hook(hook)
-
-
 def generate(args: argparse.Namespace) -> None:
     """Draw the images `args` describes (see `build_parser`) and write them, their grid and their
     parameters into --out."""
@@ -753,7 +730,6 @@ def generate(args: argparse.Namespace) -> None:
     init_image, mask, hints, size = read_images(args, kinds)
     options = sized_options(args, options, cfg, autoencoder_cfg, size, inpainting=mask is not None)
 
-    hide_weight_loading_bar(cfg.text.kind)
     model = load_model(args.checkpoint, args.config, use_ema=args.ema, device=args.device)
     checkpoint_sha = file_sha256(args.checkpoint)
     warn_if_other_model(args.from_record, args.checkpoint, checkpoint_sha)

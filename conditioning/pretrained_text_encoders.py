@@ -78,6 +78,21 @@ def resolve_package_path(name_or_path: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers 5 draws a "Loading weights" bar whenever it builds a model from files on disk (the
+    default model's MiniLM: 103 tensors in milliseconds), on every run; a local load has nothing to show."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def load_hf_pretrained(loader, name_or_path: str, what: str, **kwargs):
     """`loader.from_pretrained` on a local folder (never touching the hub) or a hub id, with one-line errors.
 
@@ -92,7 +107,8 @@ def load_hf_pretrained(loader, name_or_path: str, what: str, **kwargs):
         kwargs["output_loading_info"] = True
     if path.is_dir():
         try:
-            loaded = loader.from_pretrained(str(path), local_files_only=True, **kwargs)
+            with _no_progress_bars():
+                loaded = loader.from_pretrained(str(path), local_files_only=True, **kwargs)
         except (OSError, ValueError) as e:
             raise FileNotFoundError(f"{what}: cannot load from folder {path}: {_first_line(e)}") from None
     elif path.exists():

@@ -310,31 +310,9 @@ def check_args(args: argparse.Namespace) -> int:
     return size
 
 
-TRANSFORMERS_TEXT_ENCODERS = ("clip", "hf")  # TextEncoderConfig kinds built with transformers
-
-
-def hide_weight_loading_bar(text_encoder_kind: str) -> None:
-    """transformers 5 draws a "Loading weights" bar whenever it builds a model from files already on disk
-    (the default model's MiniLM: 103 tensors in a few milliseconds), on every run. Hide that bar only:
-    download bars (huggingface_hub's) stay. Other text encoders skip this, importing transformers costs
-    a second. (generate.py has the same; its home would be conditioning.pretrained_text_encoders.)"""
-    if text_encoder_kind not in TRANSFORMERS_TEXT_ENCODERS:
-        return
-    from transformers.utils import logging as transformers_logging
-
-    def hook(make_bar, args, kwargs):
-        if kwargs.get("desc") == "Loading weights":
-            kwargs = {**kwargs, "disable": True}
-        return make_bar(*args, **kwargs)
-
-    if hasattr(transformers_logging, "set_tqdm_hook"):  # transformers < 5 has neither the bar nor the hook
-        transformers_logging.set_tqdm_hook(hook)
-
-
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the evaluation `args` describes (see `build_parser`) and return the results dict."""
     size = check_args(args)
-    hide_weight_loading_bar(LatentDiffusion.read_configs(args.checkpoint)[0].text.kind)
     model = LatentDiffusion.load(args.checkpoint, device=args.device)
     evaluator = Evaluator(model, args.data, n=args.n, batch_size=args.batch_size, seed=args.seed, device=args.device,
                           size=size, prompts=args.prompts, train_data=args.train_data,
