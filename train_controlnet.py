@@ -193,6 +193,8 @@ def main() -> None:
         return
 
     states = {k: m.state_dict() for k, m in task.trainable.items()}
+    if cfg.train.shard != "none" and last is not None:  # sharded modules' full weights are in the last checkpoint
+        states = {k: load_weights(last / f"{k}.safetensors") for k in states}
     if cfg.train.ema_decay and last is not None:
         ema = load_weights(last / "ema.safetensors")
         states = {k: {n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + ".")} for k in states}

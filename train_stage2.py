@@ -104,6 +104,7 @@ class LatentDiffusionTask(TrainingTask):
         self.optimizers = {"unet": accelerator.prepare(opt)}
         self.schedulers = {"unet": sched}
         self.modules = dict(self.trainable.items())
+        self.shardable = tuple(self.modules)  # each is called through its forward (train.shard=fsdp)
         self.ema_target = self.trainable
 
     def latents(self, batch: dict, generators: Generators = None) -> torch.Tensor:
@@ -190,6 +191,8 @@ def main() -> None:
         return
 
     states = {k: m.state_dict() for k, m in task.trainable.items()}
+    if cfg.train.shard != "none" and last is not None:  # sharded modules' full weights are in the last checkpoint
+        states = {k: load_weights(last / f"{k}.safetensors") for k in states}
     if cfg.train.ema_decay and last is not None:  # sample with the EMA weights
         ema = load_weights(last / "ema.safetensors")
         states = {k: {n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + ".")} for k in states}

@@ -4,6 +4,9 @@ Each holds the task's modules and EMA (safetensors), its optimizer, scheduler an
 GradScaler state, and the position and RNG states (`torch.save`, read back with weights_only=True).
 `trainer_state.pt` is written last, so a folder with it is complete; a save killed half-way leaves a
 `.step_*` temporary folder, removed at the next start.
+
+Sharded modules (train.shard=fsdp) are saved as full tensors, gathered by every process for the main one,
+so a checkpoint is the same whether its run was sharded or not, and loads into either.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from common.cli import RunFailed
 from common.config import ConfigError
@@ -26,6 +31,7 @@ from common.disk import check_free_space, write_errors_explained
 from common.weights import (load_state_dict_strict, load_torch, load_weights, read_metadata, save_torch, save_weights,
                             shared_mode)
 from training.finite import NonFiniteStateError, nonfinite, state_tensors
+from training.sharding import gather, is_sharded, local_shards, local_views, optimizer_shards
 
 if TYPE_CHECKING:
     from training.ema import EMA
@@ -111,16 +117,18 @@ class Position:
 def save_checkpoint(checkpoints: CheckpointDir, pos: Position, task: TrainingTask, ema: EMA | None,
                     accelerator) -> None:
     """Write step `pos.step`'s checkpoint, if the whole state is finite and the disk has room for it.
-    The main process writes; when it fails, every process raises, so none waits for it forever."""
+    The main process writes (sharded modules' tensors gathered from every process, one file at a time);
+    when it fails, every process raises, so none waits for it forever."""
     accelerator.wait_for_everyone()
     rngs = [_rng_state()]
     if accelerator.num_processes > 1:  # every process's streams, so that each resumes its own
         rngs = [None] * accelerator.num_processes
         dist.all_gather_object(rngs, _rng_state())
+    sharded = any(is_sharded(module) for module in task.modules.values())
     failure = None
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or sharded:
         try:
-            _write_checkpoint(checkpoints, pos, task, ema, accelerator, dict(enumerate(rngs)))
+            _write_checkpoint(checkpoints, pos, task, ema, accelerator, dict(enumerate(rngs)), sharded)
         except (RunFailed, ConfigError) as error:
             failure = error
     if accelerator.num_processes > 1:
@@ -134,51 +142,91 @@ def save_checkpoint(checkpoints: CheckpointDir, pos: Position, task: TrainingTas
 
 
 def _write_checkpoint(checkpoints: CheckpointDir, pos: Position, task: TrainingTask, ema: EMA | None, accelerator,
-                      rngs: dict[int, dict]) -> None:
+                      rngs: dict[int, dict], sharded: bool = False) -> None:
+    """The main process writes the checkpoint; with `sharded` every process runs this, to check its
+    shards and lend them to the main process's files."""
     modules = {name: module.state_dict() for name, module in task.modules.items()}
     optimizers = {k: o.state_dict() for k, o in task.optimizers.items()}
     ema_state = ema.state_dict() if ema is not None else {}
     tensors = [*state_tensors("", modules), *state_tensors("ema", ema_state), *state_tensors("optimizer", optimizers)]
-    bad = nonfinite(tensors)
+    bad = nonfinite(local_views(tensors) if sharded else tensors)
+    if sharded:  # every process checks its shards, and all of them refuse when one finds a bad value
+        flag = torch.tensor([float(bool(bad))], device=accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not bad:
+            bad = ["a shard of another process"]
     if bad:
         raise NonFiniteStateError(f"{len(bad)} tensors are NaN or infinite at step {pos.step} (e.g. {bad[0]}); "
                                   f"not saved (last good checkpoint: {checkpoints.latest() or 'none'})")
+    main = accelerator.is_main_process
+    parts = _files(modules, ema_state if ema is not None else None, optimizers, sharded, keep=main)
+    if not main:
+        for _ in parts:  # lend the shards of each file in turn
+            pass
+        return
 
     def fill(folder: Path) -> None:
-        for name, state in modules.items():
-            save_weights(state, folder / f"{name}.safetensors")
-        if ema is not None:
-            save_weights(ema_state, folder / "ema.safetensors", {"num_updates": ema.num_updates})
-        save_torch({
-            "optimizers": optimizers,
-            "schedulers": {k: s.state_dict() for k, s in task.schedulers.items()},
-            "task": task.extra_state(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-        }, folder / "optimizers.pt")
+        for kind, name, state in parts:
+            if kind == "module":
+                save_weights(state, folder / f"{name}.safetensors")
+            elif kind == "ema":
+                save_weights(state, folder / "ema.safetensors", {"num_updates": ema.num_updates})
+            else:
+                save_torch({
+                    "optimizers": state,
+                    "schedulers": {k: s.state_dict() for k, s in task.schedulers.items()},
+                    "task": task.extra_state(),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+                }, folder / "optimizers.pt")
+            del state  # (a gathered file's tensors go before the next file's come)
         save_torch({"step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
                     "rng": rngs}, folder / "trainer_state.pt")
 
     what = f"checkpoint of step {pos.step}"
     advice = (f"free space there or lower train.keep_checkpoints ({checkpoints.keep}), then --resume "
               f"(last good checkpoint: {checkpoints.latest() or 'none'})")
-    needed = sum(t.numel() * t.element_size() for _, t in tensors) + SAVE_MARGIN
-    checkpoints.root.mkdir(parents=True, exist_ok=True)
-    with write_errors_explained(what, checkpoints.root, advice):
-        check_free_space(checkpoints.root, needed, what, advice)
-        checkpoints.write(pos.step, fill)
+    needed = sum(t.numel() * t.element_size() for _, t in tensors) + SAVE_MARGIN  # (a DTensor's: its full size)
+    try:
+        checkpoints.root.mkdir(parents=True, exist_ok=True)
+        with write_errors_explained(what, checkpoints.root, advice):
+            check_free_space(checkpoints.root, needed, what, advice)
+            checkpoints.write(pos.step, fill)
+    finally:
+        for _ in parts:  # a failed save still takes part in the gathers the other processes wait in
+            pass
+
+
+def _files(modules: dict, ema_state: dict | None, optimizers: dict, sharded: bool, keep: bool) -> Iterator:
+    """(kind, name, state) of each file in writing order: the modules', the EMA's, the optimizers'. With
+    `sharded`, each state is gathered from every process's shards when its turn comes (kept by `keep`)."""
+    files = [("module", name, state) for name, state in modules.items()]
+    if ema_state is not None:
+        files.append(("ema", "ema", ema_state))
+    files.append(("optimizers", "optimizers", optimizers))
+    for kind, name, state in files:
+        yield kind, name, gather(state, keep) if sharded else state
 
 
 def load_checkpoint(folder: Path, task: TrainingTask, ema: EMA | None, accelerator) -> Position:
     """Load a checkpoint folder into the task, EMA and this process's RNGs; return where it stopped."""
     for name, module in task.modules.items():
         path = folder / f"{name}.safetensors"
-        load_state_dict_strict(module, load_weights(path), path, what=f"the task's module '{name}'")
+        weights = load_weights(path)
+        if is_sharded(module):  # every process reads the full tensors and keeps its shards
+            weights = local_shards(weights, module.state_dict())
+        load_state_dict_strict(module, weights, path, what=f"the task's module '{name}'")
     if ema is not None:
         path = folder / "ema.safetensors"
-        ema.load_state_dict(load_weights(path), int(read_metadata(path).get("num_updates", 0)), source=path)
+        weights = load_weights(path)
+        if is_sharded(ema.shadow):
+            weights = local_shards(weights, ema.state_dict())
+        ema.load_state_dict(weights, int(read_metadata(path).get("num_updates", 0)), source=path)
     states = load_torch(folder / "optimizers.pt")
     for k, o in task.optimizers.items():
-        o.load_state_dict(states["optimizers"][k])
+        saved = states["optimizers"][k]
+        if any(isinstance(p, DTensor) for group in o.param_groups for p in group["params"]):
+            saved = optimizer_shards(o, saved)
+        o.load_state_dict(saved)
     for k, s in task.schedulers.items():
         s.load_state_dict(states["schedulers"][k])
     task.load_extra_state(states.get("task", {}))

@@ -8,6 +8,9 @@ checkpoints and exact resume.
 Modules are not wrapped in DistributedDataParallel: a GAN's generator and discriminator losses call
 into modules through methods other than `forward`, which DDP does not see. Instead the loop averages
 each optimizer's gradients across processes before it steps, which works for any task.
+
+With `train.shard=fsdp` the task's trained modules are sharded over the processes instead (FSDP2, see
+`training.sharding`): FSDP averages their gradients, and checkpoints hold full tensors as before.
 """
 from __future__ import annotations
 
@@ -27,17 +30,20 @@ import torchvision
 import yaml
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from common.cli import Interrupted
-from common.config import at_least, check_range
+from common.config import ConfigError, at_least, check_range
 from common.weights import write_text_atomic
 from training.checkpoint import CheckpointDir, Position, load_checkpoint, save_checkpoint
 from training.ema import EMA
 from training.finite import NonFiniteLossError, NonFiniteStateError, nonfinite
 from training.interrupt import InterruptFlag
+from training.sharding import is_sharded, local_views, shard_task, shardable_modules
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,8 @@ class TrainConfig:
     image_every: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    shard: Literal["none", "fsdp"] = "none"  # fsdp: the trained modules' weights, gradients and optimizer
+    # state split over the processes (torch FSDP2), for models whose training does not fit one device
 
     def __post_init__(self):
         for name in ("batch_size", "max_steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -70,6 +78,9 @@ class TrainConfig:
             check_range("grad_clip", self.grad_clip, low=0, low_inclusive=False)
         if self.ema_decay is not None:
             check_range("ema_decay", self.ema_decay, low=0, high=1, high_inclusive=False)
+        if self.shard == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError("train.shard=fsdp does not support mixed_precision=fp16 (its loss scaler would see "
+                             "one process's shards only); use bf16")
 
 
 class TrainingTask:
@@ -79,12 +90,15 @@ class TrainingTask:
     optimizers: by name, passed through `accelerator.prepare`; `training_step` yields losses under these names
     schedulers: optional LR schedulers, by optimizer name
     ema_target: the module whose weights the EMA follows (or None)
+    shardable:  names of `modules` that train.shard=fsdp may shard: modules the task calls through their
+                `forward` only (FSDP gathers a module's weights in its forward); the default, none, refuses it
     """
 
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
     ema_target: nn.Module | None = None
+    shardable: tuple[str, ...] = ()
 
     def setup(self, accelerator) -> None:
         raise NotImplementedError
@@ -126,9 +140,19 @@ def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool =
     if cfg.mixed_precision == "fp16" and accelerator.scaler is None:
         log.warning("train.mixed_precision=fp16 runs in fp32 on %s (accelerate has no fp16 loss scaling there); "
                     "bf16 is the low-precision setting for CPUs", accelerator.device)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"accelerate's {accelerator.distributed_type.value} config is not used by these trainers "
+                          "(they do not hand their models to accelerate): launch with a multi-GPU config, e.g. "
+                          "configs/accelerate/fsdp-8gpu.yaml, and set train.shard=fsdp to shard the model")
     seed_everything(cfg.seed + accelerator.process_index)
     task.setup(accelerator)
     ema = EMA(task.ema_target, cfg.ema_decay) if cfg.ema_decay and task.ema_target else None
+    if cfg.shard == "fsdp":
+        names = shardable_modules(task)  # a task that cannot be sharded is refused on any number of processes
+        if accelerator.num_processes > 1:
+            shard_task(task, names, ema, accelerator)
+        else:
+            log.warning("train.shard=fsdp with one process: nothing to split it over; the modules stay whole")
     checkpoints = CheckpointDir(Path(cfg.output_dir) / "checkpoints", keep=cfg.keep_checkpoints)
     pos = _resume(checkpoints, task, ema, accelerator) if resume else Position()
     if run_config is not None and accelerator.is_main_process:
@@ -186,6 +210,7 @@ class _Run:
         self.interrupted = InterruptFlag()
         self.param_names = {id(p): f"{m}.{n}" for m, module in task.modules.items()
                             for n, p in module.named_parameters()}
+        self.sharded = any(is_sharded(module) for module in task.modules.values())
         self.meter = _Meter()
         self.started, self.out_of_time = self.meter.tic, False
 
@@ -238,7 +263,12 @@ class _Run:
         """Stop when optimizer `name`'s step left a parameter NaN or infinite (e.g. an infinite learning rate)."""
         params = [(self.param_names.get(id(p), "?"), p)
                   for g in self.task.optimizers[name].param_groups for p in g["params"]]
-        bad = nonfinite(params)
+        if self.sharded:  # each process checks its shards; every process stops when one finds a bad value
+            bad = nonfinite(local_views(params))
+            if self.agree(bool(bad)) and not bad:
+                bad = ["a shard of another process"]
+        else:
+            bad = nonfinite(params)
         if bad:
             raise NonFiniteStateError(
                 f"optimizer '{name}' made {len(bad)} weights NaN or infinite at step {self.pos.step + 1} "
@@ -254,8 +284,10 @@ class _Run:
         self.bar.update(1)
         if pos.step % cfg.log_every == 0 or pos.step == cfg.max_steps:
             self.log_scalars()
-        if cfg.image_every and pos.step % cfg.image_every == 0 and self.accelerator.is_main_process:
-            _write_images(self.task, batch, self.ema, self.out, pos.step, self.writer)
+        main = self.accelerator.is_main_process
+        if cfg.image_every and pos.step % cfg.image_every == 0 and (main or self.sharded):
+            # A sharded model runs on every process (each lends its shards); the main one writes.
+            _write_images(self.task, batch, self.ema, self.out, pos.step, self.writer, write=main)
         if pos.step % cfg.checkpoint_every == 0 or pos.step == cfg.max_steps:
             self.save()
         out_of_time = cfg.max_minutes is not None and time.perf_counter() - self.started > 60 * cfg.max_minutes
@@ -326,8 +358,8 @@ def _optimizer_step(task: TrainingTask, name: str, accelerator, grad_clip: float
     inner = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
     if accelerator.sync_gradients:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if accelerator.num_processes > 1:
-            _average_gradients(params, accelerator.num_processes)
+        if accelerator.num_processes > 1:  # (FSDP has averaged sharded parameters' gradients)
+            _average_gradients([p for p in params if not isinstance(p.grad, DTensor)], accelerator.num_processes)
         if grad_clip:
             if scaler is not None:
                 scaler.unscale_(inner)  # the scaler records it, so its step does not unscale again
@@ -442,8 +474,11 @@ def _tensorboard(out: Path):
 
 
 @torch.no_grad()
-def _write_images(task: TrainingTask, batch: dict, ema: EMA | None, out: Path, step: int, writer) -> None:
+def _write_images(task: TrainingTask, batch: dict, ema: EMA | None, out: Path, step: int, writer,
+                  write: bool = True) -> None:
     for name, images in task.images(batch, ema).items():
+        if not write:
+            continue
         grid = torchvision.utils.make_grid(images.float().clamp(-1, 1).cpu(), nrow=int(math.sqrt(len(images))) or 1,
                                            normalize=True, value_range=(-1, 1))
         path = out / "images" / f"{name}_{step:08d}.png"
