@@ -19,8 +19,10 @@ from layers.fused import memory_format_of
 BACKENDS = ("auto", "sdpa", "xformers", "reference")
 _backend = "auto"
 
-# The written-out path serves contexts of at most this many keys and head widths up to this,
-# while the score matrix (batch * heads * queries * keys float32 values) stays within about L2 (1 MiB).
+# The written-out path serves contexts of at most this many keys and head widths up to this, for
+# samples whose score matrix (heads * queries * keys float32 values) fits in about L2 (1 MiB); it runs
+# as many samples at a time as stay within that. Whether it runs never depends on the batch size, so
+# a sample's attention is computed the same way alone and in any batch.
 SHORT_CONTEXT_MAX_KEYS = 96
 SHORT_CONTEXT_MAX_HEAD_DIM = 64
 SHORT_CONTEXT_MAX_SCORES = 2**18
@@ -58,10 +60,15 @@ def attention_backend(name: str) -> Iterator[None]:
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) V written out, with matmuls over head-major views and the softmax in
-    float32. q: [B, Lq, H, D], k, v: [B, Lk, H, D] -> [B, Lq, H, D]."""
-    scores = torch.matmul(q.transpose(1, 2).float(), k.permute(0, 2, 3, 1).float()).mul_(q.shape[-1] ** -0.5)
-    return torch.matmul(scores.softmax(dim=-1), v.transpose(1, 2).float()).transpose(1, 2).to(q.dtype)
+    """softmax(Q K^T / sqrt(d)) V written out, in float32. q: [B, Lq, H, D], k, v: [B, Lk, H, D] -> [B, Lq, H, D].
+
+    The inputs are copied head-major ([B, H, L, D], contiguous) first, so every (sample, head) product
+    is one item of a batched matmul laid out alike at any batch size: a strided batch of one would
+    otherwise take another kernel than the copied batch of several.
+    """
+    q, k, v = (t.transpose(1, 2).float().contiguous() for t in (q, k, v))
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    return torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).to(q.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -72,7 +79,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     backend = _backend
     if backend == "auto":
         if short_context_on_cpu(q, k):
-            return reference_attention(q, k, v)
+            return short_context_attention(q, k, v)
         backend = "xformers" if _xops is not None and q.is_cuda else "sdpa"
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -89,11 +96,21 @@ def short_context_on_cpu(q: torch.Tensor, k: torch.Tensor) -> bool:
     # With few keys the flash kernel's per-block work dominates the two matmuls and a softmax;
     # larger score matrices cost more in fresh allocations than they save. torch.compile traces
     # SDPA instead, which inductor lowers to its own kernel.
-    b, queries, heads, _ = q.shape
+    _, queries, heads, _ = q.shape
     return (q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and k.shape[1] <= SHORT_CONTEXT_MAX_KEYS
             and q.shape[-1] <= SHORT_CONTEXT_MAX_HEAD_DIM
-            and b * heads * queries * k.shape[1] <= SHORT_CONTEXT_MAX_SCORES)
+            and heads * queries * k.shape[1] <= SHORT_CONTEXT_MAX_SCORES)
+
+
+def short_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`reference_attention` on as many samples at a time as keep their scores within
+    SHORT_CONTEXT_MAX_SCORES (at least one). Shapes as `attention`."""
+    b, queries, heads, _ = q.shape
+    group = max(1, SHORT_CONTEXT_MAX_SCORES // (heads * queries * k.shape[1]))
+    if b <= group:
+        return reference_attention(q, k, v)
+    return torch.cat([reference_attention(q[i:i + group], k[i:i + group], v[i:i + group]) for i in range(0, b, group)])
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:

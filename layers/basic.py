@@ -7,17 +7,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.fused import Conv2d, runs_plain
+from layers.fused import Conv2d, memory_format_of, runs_plain
+
+
+# torch's channels_last GroupNorm kernel splits feature maps of at least this many pixels across threads
+# (smaller ones go one group to a thread), so how a sample's statistics are summed follows the batch size.
+CHANNELS_LAST_SPLIT_PIXELS = 1024
 
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype, cast back to it: statistics over
-    thousands of activations lose too much precision in fp16/bf16."""
+    thousands of activations lose too much precision in fp16/bf16.
+
+    In CPU inference a sample's output does not depend on the batch: a channels_last batch of large
+    maps on several threads (which torch's kernel would split by batch and pixels together) is
+    normalised one sample at a time.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1 and self._split_by_batch(x):
+            return torch.cat([self._norm(sample) for sample in x.split(1)])
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+    @staticmethod
+    def _split_by_batch(x: torch.Tensor) -> bool:
+        return (x.dim() == 4 and x.shape[2] * x.shape[3] >= CHANNELS_LAST_SPLIT_PIXELS and x.device.type == "cpu"
+                and torch.get_num_threads() > 1 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and memory_format_of(x) == torch.channels_last)
 
 
 def _may_overwrite(a: torch.Tensor, b: torch.Tensor | None = None) -> bool:

@@ -7,6 +7,19 @@ their `forward` calls the oneDNN matmul / convolution behind torch.compile's CPU
 sgemm on most U-Net shapes (bench/RESULTS.md). Everywhere else (training, CUDA, fp16, autocast,
 torch.compile) they are the plain differentiable ops.
 
+Batch invariance: in CPU inference a sample's output does not depend on what else is in its batch,
+so an image drawn at --n 4 is the one drawn alone. The kernel a `Linear` runs is chosen by the rows
+of one sample (x: [B, ..., in] has numel / (B * in) of them; a 2-D input [B, in] one), never by the
+batch, and each kernel gives a row the same result for any number of rows it is handed:
+  - one row per sample (time and class embeddings): each row is computed alone. MKL's sgemm and
+    oneDNN compute a lone row differently from a row among others. (The U-Net computes the
+    embedding once when a batch shares its timestep, as a sampler's does: one row.)
+  - from MKL_MIN_ROWS to ONEDNN_MIN_ROWS rows: MKL's sgemm. With fewer than MKL_MIN_ROWS rows in a
+    call it computes some of them differently (measured at 1, 2, 4 and 8 threads), so:
+  - otherwise oneDNN's matmul, which gives a row the same result for any number of rows but one.
+`Conv2d` needs nothing of the kind: oneDNN's convolutions run the same kernel at every batch size
+(measured on AVX2 for every conv of the U-Net and the autoencoder; tests/test_batch_invariance.py).
+
 `Conv2d.upsampled(x)` computes `conv(nearest_2x(x))` for a 3x3 conv without building the
 upsampled image: the 3x3 taps fold into one 2x2 kernel per output phase, run on the
 low-resolution input (16 instead of 36 multiply-adds per output and input channel).
@@ -30,18 +43,25 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _HAVE_ONEDNN and _mkldnn._is
     else (torch.float32,)
 
 
-def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the oneDNN kernels may stand in for F.linear / F.conv2d on (x, weight)."""
+def cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a layer may run its own CPU inference kernels on (x, weight) instead of the plain op."""
     # Under torch.compile the plain ops are traced instead: inductor fuses (and pre-packs) them itself.
     # Weights of a tensor subclass (e.g. torchao's quantized ones) need the ops their subclass overrides.
-    return (_HAVE_ONEDNN and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and type(weight) in (torch.Tensor, nn.Parameter)
-            and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES
-            and not torch.is_autocast_enabled("cpu"))
+    return (not torch.is_grad_enabled() and x.is_cpu and not torch.compiler.is_compiling()
+            and (type(weight) is nn.Parameter or type(weight) is torch.Tensor)
+            and x.dtype == weight.dtype and not torch.is_autocast_enabled("cpu"))
 
 
-# Fewer rows than this go to F.linear (MKL), whose per-call cost is a fraction of oneDNN's.
+def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the oneDNN kernels may stand in for F.linear / F.conv2d on (x, weight)."""
+    return _HAVE_ONEDNN and x.dtype in _ONEDNN_DTYPES and cpu_inference(x, weight)
+
+
+# Samples of fewer rows than this go to F.linear (MKL), whose per-call cost is a fraction of oneDNN's...
 ONEDNN_MIN_ROWS = 64
+# ...unless they have fewer than this: MKL's sgemm computes a row differently when a call has fewer rows
+# (some counts below 12 at 2 and 8 threads, below 4 at 1 and 4 threads), so a batch of one would differ.
+MKL_MIN_ROWS = 12
 
 
 def runs_plain(module: nn.Module) -> bool:
@@ -51,24 +71,50 @@ def runs_plain(module: nn.Module) -> bool:
             and not _module_state._global_forward_hooks and not _module_state._global_forward_pre_hooks)
 
 
+def rows_per_sample(x: torch.Tensor) -> int:
+    """The rows of one sample of a Linear's input x: [B, ..., in] (at least 2-D, not empty): 1 for
+    [B, in], numel / (B * in) otherwise."""
+    return 1 if x.dim() == 2 else x.numel() // (x.shape[0] * x.shape[-1])
+
+
 class Linear(nn.Linear):
-    """`nn.Linear` whose CPU inference runs oneDNN's matmul. x: [..., in] -> [..., out].
+    """`nn.Linear` whose CPU inference runs oneDNN's matmul, and gives a sample the same result at any
+    batch size (module docstring). x: [..., in] -> [..., out].
 
     `geglu(x)` computes a * gelu(gate) with (a, gate) = self(x).chunk(2, -1) as two products, GELU
     fused into the gate's.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._onednn_ok(x):
+        kernel = self._kernel(x)
+        if kernel == "onednn":
             return _mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if kernel == "rows":
+            if x.dim() == 2:
+                return self._row_by_row(x)
+            return self._row_by_row(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
-    def _onednn_ok(self, x: torch.Tensor) -> bool:
-        # A few rows (time embeddings: one per image) are MKL's: oneDNN's per-call cost dominates there.
-        return x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] and onednn_inference(x, self.weight)
+    def _kernel(self, x: torch.Tensor) -> str:
+        """"onednn", "rows" (each row its own product) or "plain" (F.linear: MKL's sgemm on CPU)."""
+        if x.dim() < 2 or x.numel() == 0:
+            return "plain"
+        rows = rows_per_sample(x)
+        # A few rows per sample (4x4 feature maps, text contexts) are MKL's: oneDNN's per-call cost dominates there.
+        if MKL_MIN_ROWS <= rows < ONEDNN_MIN_ROWS or not cpu_inference(x, self.weight):
+            return "plain"
+        if rows == 1:
+            return "rows"
+        return "onednn" if _HAVE_ONEDNN and x.dtype in _ONEDNN_DTYPES else "plain"
+
+    def _row_by_row(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, in] -> [N, out], every row computed as a batch of one."""
+        if x.shape[0] == 1:
+            return F.linear(x, self.weight, self.bias)
+        return torch.cat([F.linear(row, self.weight, self.bias) for row in x.split(1)])
 
     def geglu(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._onednn_ok(x):
+        if self._kernel(x) != "onednn":
             a, gate = self(x).chunk(2, dim=-1)
             return F.gelu(gate).mul_(a) if not torch.is_grad_enabled() else a * F.gelu(gate)
         (w_a, w_gate), (b_a, b_gate) = self.weight.chunk(2), self.bias.chunk(2)

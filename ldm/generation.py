@@ -5,7 +5,13 @@ prompts and images and hands a guided `Denoiser` to `sample_latents`, which is m
 take one validated `SamplingOptions` (or its fields as keyword arguments).
 
 Reproducibility: image i of a batch draws all its noise (initial and per-step) from its own CPU
-generator seeded seed + i, so it equals what seed + i gives alone, on any device and batch size.
+generator seeded seed + i, so it gets the noise seed + i gives alone, on any device and batch size.
+On CPU (float32, 1 or 2 threads) it is then the same image to the bit at any batch size, with or
+without guidance (which doubles the network's batch): every layer computes a sample the same way
+whatever shares its batch (`layers`; tests/test_batch_invariance.py). With 3 or more threads torch
+splits elementwise ops (SiLU, GELU) across threads at batch-dependent points, and GPU kernels follow
+the batch size too: there an image can differ from the one drawn alone by float rounding (before the
+CPU path was made exact: 1/255 in one or two of a 64x64 image's 12,288 values).
 """
 from __future__ import annotations
 

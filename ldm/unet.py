@@ -229,10 +229,13 @@ class UNetEncoder(nn.Module):
 
     def embed(self, timesteps: torch.Tensor | int | float, batch: int, device: torch.device,
               y: torch.Tensor | None = None) -> torch.Tensor:
-        """The ResBlocks' conditioning: time embedding (+ label embedding), [batch, 4 * model_channels].
+        """The ResBlocks' conditioning: time embedding (+ label embedding), [batch, 4 * model_channels],
+        or [1, 4 * model_channels] when it is the same for every sample (a scalar timestep, or on CPU
+        one timestep repeated, and no labels), which the ResBlocks broadcast over the batch.
 
         timesteps: [batch] or a scalar, int or float; y as in `UNetModel.forward`. The result has the
-        parameters' dtype.
+        parameters' dtype. A sampler's batch shares its timestep: its embedding layers then run on one
+        row, at any batch size (a row's result does not depend on the batch; see `layers.fused`).
         """
         if (y is not None) != (self.config.num_classes is not None):
             raise ValueError(f"{type(self).__name__}: pass y (class labels) if and only if the model was built "
@@ -240,11 +243,20 @@ class UNetEncoder(nn.Module):
         dtype = self.dtype
         timesteps = torch.as_tensor(timesteps, device=device)
         if timesteps.dim() == 0:
-            timesteps = timesteps.expand(batch)
+            timesteps = timesteps.expand(1 if y is None else batch)
+        elif y is None and _one_timestep(timesteps):
+            timesteps = timesteps[:1]
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         if self.config.num_classes is not None:
             emb = emb + self.label_emb(y).to(dtype)
         return emb
+
+
+def _one_timestep(timesteps: torch.Tensor) -> bool:
+    """Whether a CPU batch of timesteps [B] (B > 1) repeats one value (not asked under torch.compile,
+    which would break its graph, nor on CUDA, which would wait for the device)."""
+    return (timesteps.shape[0] > 1 and timesteps.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch.equal(timesteps[1:], timesteps[:-1]))
 
 
 class UNetModel(UNetEncoder):
