@@ -44,17 +44,24 @@ def run(main: Callable[[], object]) -> None:
     try:
         main()
     except BAD_INPUT as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         sys.exit(2)
     except RUN_FAILED as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         sys.exit(1)
     except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
+        _say(f"interrupted: {e}")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         sys.exit(128 + signal.SIGINT)
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: several processes of a run (torchrun) share the stream, and
+    print's separate write of the newline lets their lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def check_output_folder(path: str | Path, flag: str = "--out") -> None:

@@ -67,7 +67,8 @@ class ResBlock(nn.Module):
     `use_scale_shift_norm`); h = conv(dropout(silu(norm(h)))); return skip(x) + h.
     With `up`/`down` both paths are resampled (BigGAN style, `resblock_updown`).
 
-    x: [B, channels, H, W], emb: [B, emb_channels] -> [B, out_channels, H', W'].
+    x: [B, channels, H, W], emb: [B or 1, emb_channels] (one row when the batch shares its timestep)
+    -> [B, out_channels, H', W'].
     """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,

@@ -82,6 +82,19 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path, stage1_file)
         assert _max_difference(tmp_path / "one", tmp_path / resumed, 3) < 1e-5, resumed
 
 
+def test_controlnet_trains_alike_on_two_processes(tmp_path, stage1_file):
+    """The ControlNet trainer's draws (latent posterior, caption dropout, timestep, noise) per sample too."""
+    _stage2(ONE, stage1_file, tmp_path / "stage2", 4, 1)
+    for launcher, batch, out in ((ONE, 4, "one"), (TWO, 2, "two")):
+        _run([*launcher, ROOT / "train_controlnet.py", "--config", "controlnet/tiny", "--stage2",
+              tmp_path / "stage2" / "model.safetensors", "train.max_steps=3", "train.checkpoint_every=3",
+              f"train.batch_size={batch}", f"train.output_dir={tmp_path / out}"])
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert torch.allclose(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=0)
+    assert _max_difference(tmp_path / "one", tmp_path / "two", 3, names=("controlnet",)) < 1e-5
+
+
 def test_every_process_stops_at_the_same_step(tmp_path, stage1_file):
     """A time limit and a SIGTERM (as schedulers send) reach the processes at different moments; they
     agree on one step, save one checkpoint and exit alike."""

@@ -157,8 +157,21 @@ def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool =
     pos = _resume(checkpoints, task, ema, accelerator) if resume else Position()
     if run_config is not None and accelerator.is_main_process:
         write_text_atomic(Path(cfg.output_dir) / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
-    _Run(task, ema, cfg, accelerator, checkpoints, pos, last_saved=pos.step if resume else -1).run(dataset)
+    try:
+        _Run(task, ema, cfg, accelerator, checkpoints, pos, last_saved=pos.step if resume else -1).run(dataset)
+    except Interrupted:  # every process agreed on the stop
+        _leave_process_group(accelerator)
+        raise
+    _leave_process_group(accelerator)
     return checkpoints.latest()
+
+
+def _leave_process_group(accelerator) -> None:
+    """All processes done with each other: leave the group together. A process that exits while the main
+    one still exports, its gloo group alive, can abort in teardown ('terminate called without an active
+    exception', exit -6)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def _resume(checkpoints: CheckpointDir, task: TrainingTask, ema: EMA | None, accelerator) -> Position:

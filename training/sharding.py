@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from common.config import ConfigError
@@ -51,9 +53,6 @@ def shardable_modules(task: TrainingTask) -> list[str]:
 def shard_task(task: TrainingTask, names: list[str], ema: EMA | None, accelerator) -> None:
     """Shard the task's modules `names` (and the EMA's copy of them) over the run's processes and point
     its optimizers at the shards. Call it after `task.setup` and before any optimizer step or load."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     owner = {p: (name, key) for name in names for key, p in task.modules[name].named_parameters()}
     for opt_name, optimizer in task.optimizers.items():
         params = [p for group in optimizer.param_groups for p in group["params"]]
