@@ -26,13 +26,11 @@ def test_importance_sampler_prefers_high_loss_t():
     cold = LossSecondMomentSampler(20)
     torch.testing.assert_close(cold.probabilities(), torch.full((20,), 1 / 20, dtype=torch.float64))
 
-    sampler = warm_sampler()
-    p = sampler.probabilities()
-    rms = sampler.history.pow(2).mean(1).sqrt()
-    torch.testing.assert_close(p, 0.999 * rms / rms.sum() + 0.001 / 20)
-    t, w = sampler.sample(5000, "cpu", torch.Generator().manual_seed(1))
+    # p(t) and the weights in numbers: tests/test_hand_worked_weights.py.
+    t, w = warm_sampler().sample(5000, "cpu", torch.Generator().manual_seed(1))
     assert (t >= 15).float().mean() > 0.6  # 5 of 20 steps, about 2/3 of the mass
-    torch.testing.assert_close(w, (1 / (20 * p[t])).float())
+    assert w[t >= 15].max() < 1 < w[t < 15].min()  # the over-drawn steps weigh less: the loss stays unbiased
+    assert abs(w.mean().item() - 1) < 0.05  # E[1 / (N p(t))] = 1 under p
 
 
 def test_importance_sampler_state_round_trip(tmp_path):

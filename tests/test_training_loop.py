@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from common.weights import load_weights
-from training import EMA, NonFiniteLossError, TrainConfig, TrainingTask, train
+from training import NonFiniteLossError, TrainConfig, TrainingTask, train
 from common.weights import CheckpointError, load_torch, save_torch
 from common.cli import Interrupted
 from common.disk import DiskFull
@@ -117,19 +117,6 @@ def test_sampler_covers_epoch_and_shards_ranks():
     assert len(r0) == len(r1) == 2 and not set(sum(r0, [])) & set(sum(r1, []))
     with pytest.raises(ValueError, match="fewer than one global batch"):
         EpochKeySampler(3, 4, 0, 0)
-
-
-def test_ema_warmup_matches_formula():
-    model = nn.Linear(1, 1, bias=False)
-    nn.init.zeros_(model.weight)
-    ema = EMA(model, decay=0.9)
-    expected = 0.0
-    for n in range(1, 30):
-        model.weight.data.fill_(float(n))
-        ema.update(model)
-        d = min(0.9, (1 + n) / (10 + n))
-        expected = d * expected + (1 - d) * n
-    assert ema.shadow.weight.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_torch_load_refuses_code_execution(tmp_path):
