@@ -18,7 +18,9 @@ import itertools
 import logging
 import math
 import random
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -382,7 +384,11 @@ def _optimizer_step(task: TrainingTask, name: str, accelerator, grad_clip: float
     else:
         optimizer.step()
     if name in task.schedulers and accelerator.sync_gradients:
-        task.schedulers[name].step()
+        with warnings.catch_warnings():
+            # The schedule follows the step count, also past a step the fp16 scaler skipped (an inf
+            # gradient): torch's "scheduler before optimizer" warning is expected there.
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            task.schedulers[name].step()
     optimizer.zero_grad(set_to_none=True)
 
 
