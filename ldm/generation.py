@@ -30,7 +30,7 @@ from .controlnet import Control, ControlledModel
 from .denoiser import Denoiser
 from .guidance import ClassifierFreeGuidance
 from .latent_diffusion import LatentDiffusionConfig
-from .samplers import SAMPLERS, repaint_path
+from .samplers import SAMPLERS, Callback, repaint_path
 from .sampling_options import MAX_SEED, OptionError, SamplingOptions
 
 __all__ = ["SAMPLERS", "Control", "SamplingOptions", "SizeLimits", "generate_latents", "latent_mask",
@@ -50,6 +50,7 @@ def sample_latents(
     mask: Tensor | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    callback: Callback | None = None,
     **fields,
 ) -> Tensor:
     """Run a sampler from noise (or from noised `init_latents`) and return latents [B, C, h, w].
@@ -66,7 +67,7 @@ def sample_latents(
       denoise again.
     options (or its `fields` as keywords): sampler, steps, spacing, eta, strength, repaint_*; unset
     defaults are filled by `SamplingOptions.resolve` for the denoiser's schedule. generators: one per
-    image, drawing all its noise.
+    image, drawing all its noise. callback(i, x, x0): after every sampler step (`ldm.samplers`).
     """
     options = SamplingOptions.build(options, **fields)
     options = options.resolve(denoiser.diffusion.schedule, inpainting=mask is not None)
@@ -95,7 +96,7 @@ def sample_latents(
     if options.repaint_resamples > 1:
         resampling["path"] = repaint_path(len(scales), options.repaint_jump, options.repaint_resamples)
     x = options.spec.run(denoiser, x, levels[start:], eta=options.eta, generators=generators, progress=progress,
-                         before_step=reimpose_known if mask is not None else None, **resampling)
+                         callback=callback, before_step=reimpose_known if mask is not None else None, **resampling)
     if mask is not None:
         x = mask * x + (1 - mask) * init_latents
     return x
@@ -235,6 +236,7 @@ def generate_latents(
     mask: Tensor | None = None,
     control: Sequence[Control] | None = None,
     progress: bool = False,
+    callback: Callback | None = None,
     **fields,
 ) -> Tensor:
     """Sample latents [B, C, height / f, width / f] for `prompts` with a `LatentDiffusion` model.
@@ -247,6 +249,7 @@ def generate_latents(
     mask: [1 or B, 1, height, width] in [0, 1], 1 = repaint; needs init_image.
     control: ControlNets with their condition images ([1 or B, hint_channels, height, width] in
         [0, 1]) and weights; their scaled residuals add up (see `ldm.controlnet.ControlledModel`).
+    callback(i, x, x0): called after every sampler step (see `sample_latents`).
     The model should be in eval mode; decode the result with `model.decode_latents`.
     """
     options = SamplingOptions.build(options, **fields)
@@ -279,7 +282,7 @@ def generate_latents(
                                       options.guidance_rescale)
     return sample_latents(Denoiser(model_fn, model.diffusion), (batch, model.latent_channels, *latent_size), options,
                           generators=generators, init_latents=init_latents, mask=mask, device=device,
-                          progress=progress)
+                          progress=progress, callback=callback)
 
 
 def _output_size(model, options: SamplingOptions) -> tuple[int, int]:

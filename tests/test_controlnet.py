@@ -18,7 +18,7 @@ from autoencoder import AutoencoderConfig, DDConfig, build_autoencoder
 from conditioning import TextEncoderConfig
 from conditioning.edges import canny, main as edges_main
 from data import DataConfig
-from ldm import ControlNet
+from ldm import ControlNet, Pipeline
 from ldm.controlnet import (
     Control,
     ControlledModel,
@@ -376,10 +376,8 @@ def test_train_controlnet_leaves_the_locked_unet_bit_identical(tiny_model, tmp_p
 def test_only_mid_control_is_kept_in_the_file_and_used_by_generate(tiny_model, tmp_path, monkeypatch):
     out = _train(monkeypatch, tiny_model[0], tmp_path / "mid", "train.max_steps=1", "controlnet.only_mid_control=true")
     assert read_metadata(out / "controlnet.safetensors")["only_mid_control"] is True
-    model = LatentDiffusion.load(tiny_model[0])
-    args = generate.parse_args(["x", "--checkpoint", str(tiny_model[0]), "--controlnet",
-                                str(out / "controlnet.safetensors"), "--control-image", "c.png"])
-    (control,) = generate.load_controls(args, model, [torch.rand(1, 3, SIZE, SIZE)], [1.0], "sha")
+    pipe = Pipeline.from_file(tiny_model[0], controlnets=[out / "controlnet.safetensors"])
+    (control,) = pipe.controls([torch.rand(1, 3, SIZE, SIZE)], [1.0], guess_mode=False)
     assert control.only_mid_control and control.weights()[:-1] == [0.0] * (len(control.weights()) - 1)
 
 

@@ -15,6 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
 import generate
+import ldm.pipeline
 from autoencoder import AutoencoderConfig, DDConfig, build_autoencoder
 from autoencoder.model_file import save_autoencoder
 from common.weights import CheckpointError
@@ -23,6 +24,7 @@ from ldm.generation import SamplingOptions, SizeLimits, generate_latents, read_p
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.original_format import (CONTROL_LDM_FILE, ORIGINAL_CONTROLNET_FILE, ORIGINAL_FILE, UNKNOWN_FILE, VAE_FILE,
                                  load_model, model_file_kind)
+from ldm.png_metadata import a1111_parameters
 from ldm.unet import UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +193,7 @@ def test_cli_img2img_strength_zero_round_trips(tmp_path, checkpoint, model):
     cli("a cat", "--checkpoint", checkpoint, "--init-image", tmp_path / "in.png", "--strength", 0,
         "--out", tmp_path / "o")
     image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
-    expected = generate.to_uint8(model.decode_latents(model.encode_images(image, sample=False)))[0]
+    expected = ldm.pipeline.to_uint8(model.decode_latents(model.encode_images(image, sample=False)))[0]
     assert np.abs(pixels(tmp_path / "o" / "00000-a-cat-seed0.png") - expected).max() <= 1
     assert png_record(tmp_path / "o" / "00000-a-cat-seed0.png")["strength"] == 0.0
     assert png_text(tmp_path / "o" / "00000-a-cat-seed0.png")["parameters"].endswith(", Denoising strength: 0")
@@ -242,14 +244,14 @@ def test_runs_never_replace_files_unless_overwrite(tmp_path, checkpoint, capsys)
 
 def test_a_file_that_appears_during_a_run_is_not_replaced(tmp_path, checkpoint, capsys, monkeypatch):
     out = tmp_path / "out"
-    real = generate.generate_latents
+    real = ldm.pipeline.generate_latents
 
     def another_run_writes_meanwhile(*args, **kwargs):
         out.mkdir(exist_ok=True)
         (out / "00000-fire-seed0.png").write_bytes(b"the other run's")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "generate_latents", another_run_writes_meanwhile)
+    monkeypatch.setattr(ldm.pipeline, "generate_latents", another_run_writes_meanwhile)
     with pytest.raises(SystemExit) as exit_info:
         cli("fire", "--checkpoint", checkpoint, "--steps", 1, "--size", SIZE, "--out", out)
     assert exit_info.value.code == 1
@@ -320,7 +322,7 @@ def record(**fields):
     (dict(init_image="in.png", strength=0.6), "Model: model, Denoising strength: 0.6"),
 ])
 def test_a1111_parameters_fields(fields, expected):
-    text = generate.a1111_parameters(record(**fields))
+    text = a1111_parameters(record(**fields))
     assert text.startswith("fire\nSteps: 25,") and expected in text
     parsed = a1111_parse_generation_parameters(text)
     assert parsed["Prompt"] == "fire" and parsed["Seed"] == "3" and parsed["Size-1"] == "64"
@@ -469,14 +471,14 @@ def test_cli_as_a_script_missing_checkpoint(tmp_path):
 ])
 def test_cli_run_failures_are_one_line_exit_1_and_write_nothing(tmp_path, checkpoint, capsys, monkeypatch,
                                                                 failure, message):
-    real = generate.generate_latents
+    real = ldm.pipeline.generate_latents
 
     def failing(*args, **kwargs):
         if isinstance(failure, Exception):
             raise failure
         return failure(real(*args, **kwargs))
 
-    monkeypatch.setattr(generate, "generate_latents", failing)
+    monkeypatch.setattr(ldm.pipeline, "generate_latents", failing)
     with pytest.raises(SystemExit) as exit_info:
         cli("a red apple", "--checkpoint", checkpoint, "--n", 2, "--steps", 1, "--size", SIZE, "--out", tmp_path / "o")
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,0 +1,224 @@
+"""One object that draws images from a model file, called as diffusers' pipelines are.
+
+    from ldm import Pipeline
+    pipe = Pipeline.from_file("models/default/model.safetensors")
+    images = pipe("grinning face", steps=25, sampler="dpmpp-2m", guidance=3.0, seed=0, num_images=4)
+
+It loads every file generate.py loads (train_stage2.py's model.safetensors, original SD / LDM files with
+their YAML `config`, ControlNets of either kind) and takes generate.py's settings as keywords; it
+returns PIL images whose `.info` holds the PNG text chunks generate.py writes (`ldm.png_metadata`).
+generate.py is a command line over it, so the same settings give the same bytes either way.
+
+Three stages, so that a command line checks everything before it loads any weights: `ModelFiles`
+(the files checked and their configs read) and `ModelFiles.plan` (a `Request` validated against those
+configs, its images read: a `Plan`), both in `ldm.request`, then `Pipeline` (the weights; `draw` runs a
+plan). A bad input is a one-line error raised before the first step.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.cli import RunFailed
+from common.weights import file_sha256, load_state_dict_strict
+from .controlnet import ENCODER_PARTS, Control, ControlNetFile, load_controlnet
+from .denoiser import NoiseLevels
+from .generation import generate_latents
+from .original_format import load_model
+from .png_metadata import png_text
+from .request import (API_NAMES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, ModelFiles, Plan, Request,
+                      image_name, name_of)
+
+__all__ = ["Drawn", "Pipeline", "StepCallback"]
+
+StepCallback = Callable[[int, int], None]  # (index of the step just run, 0-based; steps in the whole call)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoded images [B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] uint8."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@dataclass
+class Drawn:
+    """One batch `Pipeline.draw` drew: images of prompt number `line`, drawn with `seeds`."""
+
+    line: int
+    seeds: list[int]
+    images: list[Image.Image]
+
+
+class Pipeline:
+    """A loaded model (and ControlNets) that draws images: `Pipeline.from_file(path)(prompt, ...)`.
+
+    files: what was loaded. model: the `LatentDiffusion` (eval mode). checkpoint_sha: the model file's
+    sha256 (the PNG records its first 12 hex digits). controlnets: (path, loaded file) per ControlNet."""
+
+    def __init__(self, files: ModelFiles, names: Mapping[str, str] = API_NAMES):
+        """Load the weights of checked `files` (see `ModelFiles.read`; `from_file` does both). A ControlNet
+        trained with an unlocked U-Net also sets the U-Net's output blocks (at most one may)."""
+        self.files = files
+        self.model = load_model(files.checkpoint, files.config, use_ema=files.ema, device=files.device)
+        self.checkpoint_sha = file_sha256(files.checkpoint)
+        self.controlnets: list[tuple[str, ControlNetFile]] = []
+        self.controlnet_shas = [file_sha256(path) for path in files.controlnets]
+        decoder_from = None
+        for path, sha in zip(files.controlnets, self.controlnet_shas):
+            loaded = load_controlnet(path, unet=self.model.unet, latent_factor=self.model.latent_factor,
+                                     device=files.device)
+            trained_on = loaded.metadata.get("stage2_sha256")
+            if trained_on and trained_on != self.checkpoint_sha:
+                print(f"warning: {path} was trained on another stage-2 model than {files.checkpoint}",
+                      file=sys.stderr)
+            if loaded.unet_decoder:
+                if decoder_from is not None:
+                    raise ValueError(f"{decoder_from} and {path} both carry U-Net output blocks (trained with "
+                                     "sd_locked: false); use at most one of them")
+                decoder_from = path
+                load_state_dict_strict(self.model.unet, loaded.unet_decoder, path,
+                                       what=f"the U-Net of {files.checkpoint}",
+                                       allow_missing=tuple(part + "." for part in ENCODER_PARTS),
+                                       hint="its output blocks were trained on another stage-2 model")
+            self.controlnets.append((path, loaded))
+
+    @classmethod
+    def from_file(cls, checkpoint: str | os.PathLike, config: str | os.PathLike | None = None, *,
+                  controlnets: Sequence[str | os.PathLike] = (), ema: bool = False, device: str = "cpu") -> Pipeline:
+        """Check and load a model file: train_stage2.py's model.safetensors, or an original SD / LDM
+        .ckpt / .safetensors with its inference YAML `config` (default: the .yaml beside it; `ema` takes
+        its model_ema.* U-Net weights), with ControlNet files (ours or original) in `controlnets`."""
+        return cls(ModelFiles.read(checkpoint, config, ema=ema, controlnets=controlnets, device=device))
+
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str = "", *, sampler: str = DEFAULT_SAMPLER,
+                 steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
+                 eta: float = 0.0, spacing: str | None = None, seed: int = 0, num_images: int = 1,
+                 batch_size: int | None = None, size: int | None = None, height: int | None = None,
+                 width: int | None = None, init_image=None, strength: float | None = None, mask=None,
+                 repaint_resamples: int = 1, repaint_jump: int = 10, control_image=None,
+                 control: str | Sequence[str] | None = None, control_scale: float | Sequence[float] | None = None,
+                 guess_mode: bool = False, canny_low: int | None = None, canny_high: int | None = None,
+                 callback: StepCallback | None = None) -> list[Image.Image]:
+        """Draw `num_images` images per prompt; image k of a prompt uses seed + k, whatever `batch_size`.
+
+        prompt: one or a list (images come prompt by prompt). Settings as generate.py's flags: sampler
+        (`ldm.samplers.SAMPLERS`), steps, guidance (classifier-free scale, --cfg), guidance_rescale, eta
+        (ddim), spacing (default per sampler), size or height and width in pixels. init_image (path or PIL
+        image) with strength: img2img; with mask (white = repaint): inpainting, repaint_resamples > 1
+        adding RePaint's resampling every repaint_jump steps. control_image: one per ControlNet given to
+        `from_file` (a path or PIL image, or a list), control: "canny" (its edges, canny_low / canny_high
+        thresholds) or "none" / "map" (as it is), control_scale: the residuals' weight, each given once for
+        all nets or as a list, guess_mode. callback(step, total): after every sampler step, step counting
+        0 .. total - 1 over the whole call.
+
+        Returns PIL RGB images [H, W]; each `.info` holds the PNG text chunks generate.py writes (save them
+        with `ldm.png_metadata.save_image`). A bad input is a one-line ValueError / FileNotFoundError /
+        TypeError raised before anything is drawn."""
+        request = Request(
+            (prompt,) if isinstance(prompt, str) else tuple(prompt), negative_prompt, sampler, steps, guidance,
+            guidance_rescale, eta, spacing, seed, num_images, batch_size, size, height, width, init_image, strength,
+            mask, repaint_resamples, repaint_jump, _as_tuple(control_image), _as_tuple(control),
+            _as_tuple(control_scale), guess_mode, canny_low, canny_high)
+        if not request.prompts:
+            raise ValueError("no prompts given")
+        plan = self.files.plan(request)
+        return [image for drawn in self.draw(plan, callback) for image in drawn.images]
+
+    def controls(self, hints: Sequence[torch.Tensor], scales: Sequence[float], guess_mode: bool) -> list[Control]:
+        """The ControlNets as `Control`s on conditions [1, 3, H, W] (averaged to one channel for a net that
+        takes one), one per net, with their weights."""
+        controls = []
+        for (path, loaded), hint, scale in zip(self.controlnets, hints, scales):
+            if loaded.net.hint_channels == 1:
+                hint = hint.mean(dim=1, keepdim=True)
+            elif loaded.net.hint_channels != hint.shape[1]:
+                raise ValueError(f"{path} takes {loaded.net.hint_channels}-channel conditions; control images give "
+                                 "3 channels")
+            controls.append(loaded.control(hint, scale=scale, guess_mode=guess_mode))
+        return controls
+
+    def settings(self, plan: Plan) -> dict:
+        """What every image of `plan` records besides its prompt and seed: the resolved sampling options,
+        the model and the inputs (generate.py's grid records these too)."""
+        request, options = plan.request, plan.options
+        settings = {**options.metadata(), "checkpoint": Path(self.files.checkpoint).name,
+                    "checkpoint_sha256": self.checkpoint_sha[:12]}
+        run = options.steps_run(NoiseLevels(self.model.diffusion.schedule))
+        if run != options.steps:  # LDM's "uniform" spacing may run more steps than asked
+            settings["steps_run"] = run
+        if request.init_image is not None:
+            settings.update(init_image=image_name(request.init_image), strength=options.strength)
+        if request.mask is not None:
+            settings.update(mask=image_name(request.mask), repaint_resamples=options.repaint_resamples,
+                            repaint_jump=options.repaint_jump)
+        if self.controlnets:
+            settings.update(controlnets=[Path(p).name for p in self.files.controlnets],
+                            controlnet_sha256=[sha[:12] for sha in self.controlnet_shas],
+                            control=plan.kinds, control_images=[image_name(i) for i in request.control_images],
+                            control_scales=plan.scales, guess_mode=request.guess_mode)
+            if "canny" in plan.kinds:
+                settings.update(zip(("canny_low", "canny_high"), request.canny_thresholds))
+        return settings
+
+    def draw(self, plan: Plan, callback: StepCallback | None = None,
+             names: Mapping[str, str] = API_NAMES) -> Iterator[Drawn]:
+        """Run `plan` batch by batch, yielding each as it is drawn (so a caller can keep the batches drawn
+        before a failure). Running out of memory, or images that came out NaN or infinite, is a one-line
+        `RunFailed`, and that batch is not yielded."""
+        controls = self.controls(plan.hints, plan.scales, plan.request.guess_mode)
+        settings = self.settings(plan)
+        step_callback = None
+        if callback is not None:
+            done = iter(range(plan.total_steps))
+            step_callback = lambda i, x, x0: callback(next(done), plan.total_steps)  # noqa: E731
+        for line, prompt in enumerate(plan.request.prompts):
+            for first, pixels in self._batches(plan, prompt, controls, step_callback, names):
+                seeds = [plan.options.seed + first + k for k in range(len(pixels))]
+                images = []
+                for seed, array in zip(seeds, pixels):
+                    image = Image.fromarray(array)
+                    image.info.update(png_text({"prompt": prompt, "seed": seed, **settings}))
+                    images.append(image)
+                yield Drawn(line, seeds, images)
+
+    def _batches(self, plan: Plan, prompt: str, controls: list[Control], step_callback,
+                 names: Mapping[str, str]) -> Iterator[tuple[int, np.ndarray]]:
+        """(index of the first image, uint8 images [B, H, W, 3]) batch by batch for one prompt."""
+        options, batch_size, count_all = plan.options, plan.batch_size, plan.request.num_images
+        for first in range(0, count_all, batch_size):
+            count = min(batch_size, count_all - first)
+            try:
+                # generate_latents validates everything before sampling: errors arrive before any image.
+                latents = generate_latents(self.model, [prompt] * count, options, seed=options.seed + first,
+                                           init_image=plan.init_image, mask=plan.mask, control=controls,
+                                           callback=step_callback)
+                images = self.model.decode_latents(latents)
+            except RuntimeError as e:
+                if not out_of_memory(e):
+                    raise
+                raise RunFailed(f"out of memory drawing {count} images of {options.size} pixels: lower "
+                                f"{name_of(names, 'batch_size')} (now {batch_size}) or {name_of(names, 'size')}") from None
+            if not torch.isfinite(images).all():
+                raise RunFailed(f"the images of seeds {options.seed + first}..{options.seed + first + count - 1} "
+                                "came out NaN or infinite; they were not written")
+            yield first, to_uint8(images)
+
+
+def _as_tuple(value) -> tuple:
+    """A keyword given once or as a list, as a tuple (None: empty)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, os.PathLike, Image.Image, int, float)):
+        return (value,)
+    return tuple(value)
+
+
+def out_of_memory(e: RuntimeError) -> bool:
+    """torch's CUDA OutOfMemoryError, or the CPU allocator's failure (a plain RuntimeError)."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
