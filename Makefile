@@ -1,10 +1,13 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set everything up first.
+# `make ui` serves the web UI on http://127.0.0.1:7860 (flags: make ui UI_FLAGS='--port 8000 --share').
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test
+UI_FLAGS ?=
+
+.PHONY: setup demo test ui
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
@@ -14,3 +17,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+ui: setup
+	$(PY) -m ldm.app $(UI_FLAGS)

@@ -17,17 +17,19 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   touch "$stamp"
 fi
 
-# Debian packages behind the built-in data sets.
+# Debian packages behind the built-in data sets, and the browser the web UI's tests drive.
 need=()
 [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || need+=(fonts-noto-color-emoji)
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
 [ -d /usr/share/iso-codes ] || need+=(iso-codes)  # flag names for emoji captions
+command -v chromium >/dev/null || need+=(chromium)  # tests/test_app_browser.py (skipped without it)
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
   elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then
     sudo apt-get update -qq && sudo apt-get install -y -qq "${need[@]}" >/dev/null
   else
-    echo "note: built-in data sets need the Debian packages: ${need[*]} (install them, or use your own data)" >&2
+    echo "note: install the Debian packages ${need[*]}: the built-in data sets need them (or use your own data)," \
+      "and the browser tests chromium (they are skipped without it)" >&2
   fi
 fi
