@@ -41,9 +41,10 @@ WAIT_SECONDS = 30  # for anything else the page shows
 
 
 def find_chromium() -> str | None:
-    """A Chromium to drive: $CHROMIUM, else the first of CHROMIUM on the PATH (Debian: /usr/bin/chromium)."""
+    """A Chromium to drive: $CHROMIUM (None if it is no file), else the first of CHROMIUM on the PATH
+    (Debian: /usr/bin/chromium)."""
     if os.environ.get("CHROMIUM"):
-        return os.environ["CHROMIUM"]
+        return os.environ["CHROMIUM"] if Path(os.environ["CHROMIUM"]).is_file() else None
     return next((path for name in CHROMIUM if (path := shutil.which(name))), None)
 
 
