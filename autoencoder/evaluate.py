@@ -40,7 +40,6 @@ from autoencoder.perceptual import (BACKBONE_FILES, DOWNLOAD_URL, LPIPS, PERCEPT
                                     default_backbone_path)
 from common.cli import ArgumentParser, check_output_file, run
 from common.weights import atomic_write, write_text_atomic
-from conditioning.edges import to_uint8_hwc
 from data import build_dataset
 from metrics.eval_data import data_config, iterate_batches, subset_size
 from metrics.fid import FeatureStatistics, InceptionFeatures, fid_from_statistics
@@ -114,9 +113,8 @@ def codebook_statistics(counts: torch.Tensor) -> dict:
 def image_row(originals: torch.Tensor, reconstructions: torch.Tensor) -> Image.Image:
     """Images [B, 3, H, W] in [-1, 1] side by side: originals on the top row, reconstructions under them
     -> PIL RGB [2 H, B W]."""
-    rows = [np.concatenate([to_uint8_hwc(image) for image in images], axis=1)
-            for images in (originals, reconstructions)]
-    return Image.fromarray(np.concatenate(rows, axis=0))
+    rows = torch.cat([torch.cat(list(images), dim=2) for images in (originals, reconstructions)], dim=1)
+    return Image.fromarray(((rows.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
 def check_args(args: argparse.Namespace) -> int:
