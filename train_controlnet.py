@@ -10,7 +10,9 @@ replaced by "" at `empty_prompt_rate` (0.5 in the paper), so the ControlNet lear
 condition without the prompt's help. Writes checkpoints under train.output_dir and, at the end,
 `controlnet.safetensors` (EMA weights when train.ema_decay is set): the ControlNet, plus the U-Net
 output blocks when unlocked, with its config and the stage-2 file's sha256 in the metadata, ready for
-`generate.py --controlnet`.
+`generate.py --controlnet`. With a `lora:` section (training.lora.LoRAConfig) LoRA adapters on the
+locked U-Net train beside the ControlNet, in place of the unlocked mode: the run also writes
+`lora.safetensors` (the U-Net's adapters, for `generate.py --lora` / `python -m ldm.lora merge`).
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ from ldm.generation import generate_latents
 from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import check_model_file, load_model
-from train_stage2 import LatentDiffusionTask, OptimConfig
+from train_stage2 import LatentDiffusionTask, OptimConfig, task_steps
 from training import TrainConfig, ema_weights, eval_mode, train
+from training.lora import LoRAAdapters, LoRAConfig
 from training.cli import export_errors, is_main_process, main_process_first, start_run, train_parser
 
 log = logging.getLogger("train_controlnet")
@@ -74,9 +77,13 @@ class ControlNetTrainConfig:
     empty_prompt_rate: float = 0.5
     latent_cache: bool = False
     latent_cache_dir: str | None = None  # None: <train.output_dir>/latent_cache; one folder shares it
+    lora: LoRAConfig | None = None  # set: LoRA adapters on the locked U-Net train too (needs sd_locked: true)
 
     def __post_init__(self):
         check_range("empty_prompt_rate", self.empty_prompt_rate, low=0, high=1)
+        if self.lora is not None and not self.controlnet.sd_locked:
+            raise ValueError("lora adapts the U-Net in place of controlnet.sd_locked: false (which trains its "
+                             "output blocks whole): set one of them")
 
 
 class HintedLatents(Dataset):
@@ -97,18 +104,23 @@ class ControlNetTask(LatentDiffusionTask):
 
     Reuses the stage-2 set-up (one AdamW over `self.trainable` with warm-up, under the optimizer
     name "unet"), latents (cache or images) and resumable diffusion state; `trainable` holds the
-    ControlNet and, when unlocked, the U-Net's output blocks.
+    ControlNet and, when unlocked, the U-Net's output blocks, or with `adapters` the U-Net's LoRA adapters.
     """
 
-    def __init__(self, cfg: ControlNetTrainConfig, model: LatentDiffusion, controlnet: ControlNet):
-        self.cfg, self.model, self.controlnet = cfg, model, controlnet
+    def __init__(self, cfg: ControlNetTrainConfig, model: LatentDiffusion, controlnet: ControlNet,
+                 adapters: LoRAAdapters | None = None):
+        self.cfg, self.model, self.controlnet, self.adapters = cfg, model, controlnet, adapters
         model.requires_grad_(False)
         trainable = {"controlnet": controlnet.requires_grad_(True)}
         if not cfg.controlnet.sd_locked:
             trainable["unet_decoder"] = nn.ModuleDict(
                 {"output_blocks": model.unet.output_blocks, "out": model.unet.out}).requires_grad_(True)
+        if adapters is not None:
+            trainable.update({k: m.requires_grad_(True) for k, m in adapters.modules().items()})
         self.trainable = nn.ModuleDict(trainable)
-        self.text_contexts = ContextCache(model.encode_text)  # the text encoder is frozen here
+        # The text encoder is frozen here, unless LoRA adapts it.
+        text_frozen = adapters is None or not adapters.adapts("text_encoder")
+        self.text_contexts = ContextCache(model.encode_text, frozen=text_frozen)
 
     def setup(self, accelerator) -> None:
         self.controlnet.to(accelerator.device)
@@ -178,6 +190,8 @@ def main() -> None:
     out = Path(cfg.train.output_dir)
 
     controlnet = ControlNet.from_unet(model.unet, cfg.controlnet.hint_channels, model.latent_factor)
+    # After the copy: the ControlNet starts from the base U-Net's encoder, not from a wrapped one.
+    adapters = LoRAAdapters.inject(model, cfg.lora) if cfg.lora is not None else None
     log.info("ControlNet %.2f M parameters (U-Net %s)", sum(p.numel() for p in controlnet.parameters()) / 1e6,
              "locked" if cfg.controlnet.sd_locked else "output blocks trainable")
     dataset = build_dataset(cfg.data)
@@ -187,7 +201,7 @@ def main() -> None:
         with main_process_first():  # built once; the other processes then read it
             cache = latent_cache(dataset, model.autoencoder, key, cache_dir, num_workers=cfg.train.num_workers)
         dataset = HintedLatents(cache, dataset)
-    task = ControlNetTask(cfg, model, controlnet)
+    task = ControlNetTask(cfg, model, controlnet, adapters)
     last = train(task, dataset, cfg.train, resume=args.resume, run_config=to_dict(cfg))
     if not is_main_process():
         return
@@ -198,13 +212,21 @@ def main() -> None:
     if cfg.train.ema_decay and last is not None:
         ema = load_weights(last / "ema.safetensors")
         states = {k: {n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + ".")} for k in states}
+    stage2_sha256 = file_sha256(args.stage2)
     with export_errors(out):
+        if adapters is not None:
+            adapters.save(out / "lora.safetensors", states, base_sha256=stage2_sha256,
+                          metadata={"base": Path(args.stage2).name, "steps": task_steps(last),
+                                    "controlnet": "controlnet.safetensors"})
+            log.info("wrote %s", out / "lora.safetensors")
         save_controlnet(out / "controlnet.safetensors", controlnet, states["controlnet"],
                         unet_decoder=states.get("unet_decoder"),
-                        metadata={"stage2": Path(args.stage2).name, "stage2_sha256": file_sha256(args.stage2),
+                        metadata={"stage2": Path(args.stage2).name, "stage2_sha256": stage2_sha256,
                                   "condition": cfg.data.condition, "canny": [cfg.data.canny_low, cfg.data.canny_high],
                                   "sd_locked": cfg.controlnet.sd_locked, "steps": cfg.train.max_steps,
-                                  "only_mid_control": cfg.controlnet.only_mid_control})
+                                  "only_mid_control": cfg.controlnet.only_mid_control,
+                                  # trained with these U-Net adapters: use the two together
+                                  **({"unet_lora": "lora.safetensors"} if adapters is not None else {})})
     log.info("wrote %s", out / "controlnet.safetensors")
 
 

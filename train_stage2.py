@@ -4,9 +4,12 @@
         [--resume] [key=value ...]
     python train_stage2.py --config my-finetune.yaml --init-from sd-v1-5.safetensors \
         --original-config configs/sd/v1-inference.yaml
+    python train_stage2.py --config configs/ldm/lora-default.yaml --init-from models/default/model.safetensors
 
 Writes checkpoints under train.output_dir and, at the end, `model.safetensors`: U-Net (EMA weights
 when train.ema_decay is set), text encoder and autoencoder with their configs, ready for generate.py.
+With a `lora:` section (training.lora.LoRAConfig) the --init-from model stays frozen and only LoRA
+adapters train; checkpoints hold the adapters only, and the run writes `lora.safetensors` instead.
 """
 from __future__ import annotations
 
@@ -19,9 +22,9 @@ from torch import nn
 
 from autoencoder.model_file import load_autoencoder, read_autoencoder_config
 from common.cli import run
-from common.config import at_least, check_range, to_dict
+from common.config import ConfigError, at_least, check_range, to_dict
 from common.randomness import Generators, randn_like, sample_generators
-from common.weights import load_weights
+from common.weights import file_sha256, load_weights
 from conditioning import drop_captions
 from conditioning.context_cache import ContextCache
 from data import DataConfig, build_dataset
@@ -30,6 +33,7 @@ from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.original_format import check_model_file, load_model
 from training import TrainConfig, TrainingTask, ema_weights, eval_mode, train
+from training.lora import LoRAAdapters, LoRAConfig
 from training.cli import check_adam, export_errors, is_main_process, main_process_first, start_run, train_parser
 
 log = logging.getLogger("train_stage2")
@@ -75,6 +79,7 @@ class Stage2Config:
     scale_factor: float | None = None  # None: from the stage-1 file's metadata
     latent_cache: bool = False
     latent_cache_dir: str | None = None  # None: <train.output_dir>/latent_cache; one folder shares it
+    lora: LoRAConfig | None = None  # set: train LoRA adapters on the frozen --init-from model
 
     def __post_init__(self):
         check_range("caption_dropout", self.caption_dropout, low=0, high=1)
@@ -83,20 +88,28 @@ class Stage2Config:
 
 
 class LatentDiffusionTask(TrainingTask):
-    """One AdamW optimizer over the U-Net (and a trainable text encoder), linear warm-up."""
+    """One AdamW optimizer over the U-Net (and a trainable text encoder), linear warm-up; with
+    `adapters`, over those LoRA adapters only (the model stays frozen)."""
 
-    def __init__(self, cfg: Stage2Config, model: LatentDiffusion):
-        self.cfg, self.model = cfg, model
-        trainable = {"unet": model.unet}
-        if any(p.requires_grad for p in model.text_encoder.parameters()):
-            trainable["text_encoder"] = model.text_encoder
+    def __init__(self, cfg: Stage2Config, model: LatentDiffusion, adapters: LoRAAdapters | None = None):
+        self.cfg, self.model, self.adapters = cfg, model, adapters
+        if adapters is not None:
+            trainable = adapters.modules()
+            text_trains = adapters.adapts("text_encoder")
+        else:
+            trainable = {"unet": model.unet}
+            if any(p.requires_grad for p in model.text_encoder.parameters()):
+                trainable["text_encoder"] = model.text_encoder
+            text_trains = "text_encoder" in trainable
         self.trainable = nn.ModuleDict(trainable)
-        self.text_contexts = ContextCache(model.encode_text, frozen="text_encoder" not in trainable)
+        self.text_contexts = ContextCache(model.encode_text, frozen=not text_trains)
 
     def setup(self, accelerator) -> None:
         self.device = accelerator.device
         self.model.to(self.device)
         self.trainable.train()
+        if self.adapters is not None:
+            self.adapters.train_parts()
         opt = torch.optim.AdamW([p for p in self.trainable.parameters() if p.requires_grad], lr=self.cfg.optim.lr,
                                 betas=tuple(self.cfg.optim.betas), weight_decay=self.cfg.optim.weight_decay)
         warmup = max(1, self.cfg.optim.warmup_steps)
@@ -104,7 +117,8 @@ class LatentDiffusionTask(TrainingTask):
         self.optimizers = {"unet": accelerator.prepare(opt)}
         self.schedulers = {"unet": sched}
         self.modules = dict(self.trainable.items())
-        self.shardable = tuple(self.modules)  # each is called through its forward (train.shard=fsdp)
+        # Each is called through its forward (train.shard=fsdp); adapter modules are not (their layers are).
+        self.shardable = tuple(self.modules) if self.adapters is None else ()
         self.ema_target = self.trainable
 
     def latents(self, batch: dict, generators: Generators = None) -> torch.Tensor:
@@ -163,6 +177,9 @@ def main() -> None:
     else:
         read_autoencoder_config(args.first_stage)
     cfg = start_run(args, Stage2Config)
+    if cfg.lora is not None and not args.init_from:
+        raise ConfigError("lora: adapters train on an existing model: pass --init-from MODEL (a model.safetensors "
+                          "or an original checkpoint) instead of --first-stage")
     out = Path(cfg.train.output_dir)
 
     if args.init_from:
@@ -185,7 +202,11 @@ def main() -> None:
         cache_dir = cfg.latent_cache_dir or Path(cfg.train.output_dir) / "latent_cache"
         with main_process_first():  # built once; the other processes then read it
             dataset = latent_cache(dataset, model.autoencoder, key, cache_dir, num_workers=cfg.train.num_workers)
-    task = LatentDiffusionTask(cfg, model)
+    adapters = LoRAAdapters.inject(model, cfg.lora) if cfg.lora is not None else None
+    if adapters is not None:
+        log.info("LoRA rank %d on %s layers; %.3f M adapter parameters", cfg.lora.rank,
+                 {k: len(v) for k, v in adapters.layers.items()}, _millions(nn.ModuleDict(adapters.modules())))
+    task = LatentDiffusionTask(cfg, model, adapters)
     last = train(task, dataset, cfg.train, resume=args.resume, run_config=to_dict(cfg))
     if not is_main_process():
         return
@@ -197,8 +218,17 @@ def main() -> None:
         ema = load_weights(last / "ema.safetensors")
         states = {k: {n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + ".")} for k in states}
     with export_errors(out):
-        model.save(out / "model.safetensors", unet_state=states["unet"], text_state=states.get("text_encoder"))
-    log.info("wrote %s", out / "model.safetensors")
+        if adapters is not None:  # the base model is not written: only its sha256, in the LoRA's metadata
+            adapters.save(out / "lora.safetensors", states, base_sha256=file_sha256(args.init_from),
+                          metadata={"base": Path(args.init_from).name, "steps": task_steps(last)})
+        else:
+            model.save(out / "model.safetensors", unet_state=states["unet"], text_state=states.get("text_encoder"))
+    log.info("wrote %s", out / ("lora.safetensors" if adapters is not None else "model.safetensors"))
+
+
+def task_steps(checkpoint: Path | None) -> int:
+    """The step a run's last checkpoint holds (0 without one)."""
+    return int(checkpoint.name.removeprefix("step_")) if checkpoint is not None else 0
 
 
 def _millions(module: nn.Module) -> float:

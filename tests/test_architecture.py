@@ -35,6 +35,7 @@ LAZY_IMPORTS = {
     "ftfy": "optional text clean-up of the CLIP tokenizer",
     "lpips": "perceptual loss only when its weight is non-zero (imports torchvision's model zoo)",
     "scipy": "FID's reference sqrtm only",
+    "peft": "LoRA training only (training.lora); imports transformers, seconds",
     **dict.fromkeys(("data.folder", "data.webdataset_source", "data.emoji", "data.shapes", "data.fashion_mnist"),
                     "build_dataset imports the chosen source only, so the others' dependencies stay unloaded"),
 }
