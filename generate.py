@@ -5,6 +5,7 @@
     python generate.py "a red apple" --checkpoint model.safetensors --init-image in.png --mask mask.png
     python generate.py "a red apple" --checkpoint model.safetensors --controlnet controlnet.safetensors \
         --control canny --control-image photo.png [--control-scale 1.0]   # repeat the three for more ControlNets
+    python generate.py "a red apple" --checkpoint model.safetensors --lora style.safetensors:0.8 [--lora b.safetensors]
     python generate.py --from-png outputs/00003-a-red-apple-seed3.png --checkpoint model.safetensors [--steps 50]
 
 Writes one PNG per image, named by a counter, the prompt and the seed (00000-a-red-apple-seed0.png; the
@@ -16,12 +17,15 @@ Each PNG holds its generation parameters in an A1111-style `parameters` text chu
 "Negative prompt: ...", then "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 3, ..."),
 which A1111's PNG Info and civitai-style readers show, and all of them as JSON in an `ldm-generation`
 chunk. --from-png reads either back (ours exactly, A1111's as far as its fields go); flags given
-besides override what it read.
+besides override what it read. LoRAs (--lora PATH[:SCALE], repeatable, stacked; `ldm.pipeline_lora`)
+are recorded in both, and --from-png finds them again by file name in --lora-dir (default: the current
+folder, then the checkpoint's).
 
 The same command gives byte-identical files; image k of a prompt uses seed --seed + k whatever the batch
 size. Bad input is one line on stderr and exit code 2, found before any model is loaded or anything is
 written: every number is checked against its range, the model files against what they hold (from their
-metadata, or the key prefixes of original files) and the image size against the model's configs. A run
+metadata, or the key prefixes of original files) and the image size against the model's configs; a
+LoRA that does not fit the model is found once it loads, still before anything is written. A run
 that fails later (out of memory, NaN images, a failed write) is one line and exit code 1, and each PNG
 is written whole or not at all.
 """
@@ -44,6 +48,7 @@ from common.weights import atomic_write
 from ldm.denoiser import SIGMA_SPACINGS
 from ldm.generation import SAMPLERS, read_prompt_lines
 from ldm.pipeline import Pipeline
+from ldm.pipeline_lora import find_recorded_loras, parse_lora_arg
 from ldm.png_metadata import A1111_SIZE, PngRecord, image_text, read_png_record, save_image
 from ldm.request import (CANNY_DEFAULTS, CANNY_RANGE, CONTROL_KINDS, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS,
                          ModelFiles, Request)
@@ -58,7 +63,8 @@ FLAGS = {"sampler": "--sampler", "steps": "--steps", "guidance": "--cfg", "guida
          "size": "--size", "init_image": "--init-image", "mask": "--mask", "checkpoint": "--checkpoint",
          "device": "--device", "controlnet": "--controlnet", "controlnets": "--controlnet", "control_image": "--control-image",
          "control": "--control", "control_scale": "--control-scale", "guess_mode": "--guess-mode",
-         "canny_low": "--canny-low", "canny_high": "--canny-high"}
+         "canny_low": "--canny-low", "canny_high": "--canny-high", "loras": "--lora",
+         "lora_allow_partial": "--lora-allow-partial"}
 
 
 def build_parser() -> ArgumentParser:
@@ -115,12 +121,23 @@ def build_parser() -> ArgumentParser:
                         f"{CANNY_RANGE[0]}..{CANNY_RANGE[1]} (default {CANNY_DEFAULTS[0]})")
     parser.add_argument("--canny-high", type=int, help=f"high hysteresis threshold of --control canny, "
                         f"{CANNY_RANGE[0]}..{CANNY_RANGE[1]} (default {CANNY_DEFAULTS[1]})")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="LoRA file (kohya / A1111 or diffusers / PEFT) for the U-Net and text encoder at "
+                             "SCALE (default 1); repeatable, the LoRAs stack")
+    parser.add_argument("--lora-merge", action="store_true",
+                        help="merge the LoRAs into the weights at load (no cost per step) instead of applying "
+                             "them as forward hooks; the images agree to float rounding")
+    parser.add_argument("--lora-allow-partial", action="store_true",
+                        help="LoRA keys that match no layer of the model are a warning with their count, not an error")
+    parser.add_argument("--lora-dir", action="append", default=[],
+                        help="where --from-png looks for the LoRAs its PNG names (repeatable; default: the "
+                             "current folder, then the checkpoint's)")
     parser.add_argument("--out", default="outputs", help="output directory")
     parser.add_argument("--overwrite", action="store_true",
                         help="write the fixed names NNN-seedS.png (NNN: the prompt's line) and grid.png, replacing "
                              "an earlier run's files (default: new numbered names; nothing is replaced)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.set_defaults(from_record=None)  # what --from-png read (`parse_args`)
+    parser.set_defaults(from_record=None, record_loras=[])  # what --from-png read (`parse_args`)
     return parser
 
 
@@ -191,8 +208,10 @@ def generate(args: argparse.Namespace) -> None:
     """Draw the images `args` describes (see `build_parser`) and write them, their grid and their
     parameters into --out. Everything is checked before the weights are loaded."""
     prompts = read_prompts(args)
+    loras = [parse_lora_arg(text) for text in args.lora] or args.record_loras
     files = ModelFiles.read(args.checkpoint, args.config, ema=args.ema, controlnets=args.controlnet,
-                            device=args.device, names=FLAGS)
+                            device=args.device, loras=loras, lora_allow_partial=args.lora_allow_partial,
+                            lora_merge=args.lora_merge, names=FLAGS)
     check_output_folder(args.out, "--out")
     plan = files.plan(request_of(args, prompts), names=FLAGS)
 
@@ -286,7 +305,8 @@ def plural(count: int, noun: str) -> str:
 RECORD_FLAGS = {"prompt": "prompt", "negative": "negative", "sampler": "sampler", "steps": "steps",
                 "guidance": "cfg", "guidance_rescale": "guidance_rescale", "eta": "eta", "seed": "seed",
                 "repaint_jump": "repaint_jump", "repaint_resamples": "repaint_resamples",
-                "guess_mode": "guess_mode", "canny_low": "canny_low", "canny_high": "canny_high"}
+                "guess_mode": "guess_mode", "canny_low": "canny_low", "canny_high": "canny_high",
+                "lora_merge": "lora_merge"}
 
 
 def flag_defaults(record: PngRecord) -> dict:
@@ -309,7 +329,8 @@ def flag_defaults(record: PngRecord) -> dict:
 
 def apply_record_lists(args: argparse.Namespace, record: PngRecord) -> None:
     """The record's settings that cannot be argparse defaults: the repeatable ControlNet flags (a given
-    flag would add to a default list) and the strength (it applies only with an --init-image)."""
+    flag would add to a default list), the strength (it applies only with an --init-image) and the LoRAs
+    (files found by name in --lora-dir, default the current folder and the checkpoint's)."""
     fields = record.fields
     if args.controlnet and not args.control and fields.get("control"):
         args.control = list(fields["control"])
@@ -317,6 +338,11 @@ def apply_record_lists(args: argparse.Namespace, record: PngRecord) -> None:
         args.control_scale = list(fields["control_scales"])
     if args.init_image and args.strength is None and fields.get("strength") is not None:
         args.strength = fields["strength"]
+    if not args.lora and fields.get("loras"):  # --lora given replaces the record's LoRAs
+        folders = args.lora_dir or [".", str(Path(args.checkpoint).parent)]
+        args.record_loras, notes = find_recorded_loras(fields, folders, f"--from-png {record.path} was drawn")
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
 
 
 def check_record_inputs(args: argparse.Namespace, record: PngRecord) -> None:

@@ -5,9 +5,10 @@
     images = pipe("grinning face", steps=25, sampler="dpmpp-2m", guidance=3.0, seed=0, num_images=4)
 
 It loads every file generate.py loads (train_stage2.py's model.safetensors, original SD / LDM files with
-their YAML `config`, ControlNets of either kind) and takes generate.py's settings as keywords; it
-returns PIL images whose `.info` holds the PNG text chunks generate.py writes (`ldm.png_metadata`).
-generate.py is a command line over it, so the same settings give the same bytes either way.
+their YAML `config`, ControlNets of either kind, LoRA files: `ldm.pipeline_lora`) and takes generate.py's
+settings as keywords; it returns PIL images whose `.info` holds the PNG text chunks generate.py writes
+(`ldm.png_metadata`). generate.py is a command line over it, so the same settings give the same bytes
+either way.
 
 Three stages, so that a command line checks everything before it loads any weights: `ModelFiles`
 (the files checked and their configs read) and `ModelFiles.plan` (a `Request` validated against those
@@ -32,6 +33,7 @@ from .controlnet import ENCODER_PARTS, Control, ControlNetFile, load_controlnet
 from .denoiser import NoiseLevels
 from .generation import generate_latents
 from .original_format import load_model
+from .pipeline_lora import load_loras, lora_record
 from .png_metadata import png_text
 from .request import (API_NAMES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, ModelFiles, Plan, Request,
                       image_name, name_of)
@@ -59,11 +61,14 @@ class Pipeline:
     """A loaded model (and ControlNets) that draws images: `Pipeline.from_file(path)(prompt, ...)`.
 
     files: what was loaded. model: the `LatentDiffusion` (eval mode). checkpoint_sha: the model file's
-    sha256 (the PNG records its first 12 hex digits). controlnets: (path, loaded file) per ControlNet."""
+    sha256 (the PNG records its first 12 hex digits). controlnets: (path, loaded file) per ControlNet.
+    loras: the LoRAs applied to `model` (`ldm.pipeline_lora.LoadedLoRA`), in the order given."""
 
     def __init__(self, files: ModelFiles, names: Mapping[str, str] = API_NAMES):
         """Load the weights of checked `files` (see `ModelFiles.read`; `from_file` does both). A ControlNet
-        trained with an unlocked U-Net also sets the U-Net's output blocks (at most one may)."""
+        trained with an unlocked U-Net also sets the U-Net's output blocks (at most one may). LoRAs come
+        last, so that one merged into those output blocks is not overwritten; one that does not fit the
+        model is a one-line error here, before any step."""
         self.files = files
         self.model = load_model(files.checkpoint, files.config, use_ema=files.ema, device=files.device)
         self.checkpoint_sha = file_sha256(files.checkpoint)
@@ -87,14 +92,24 @@ class Pipeline:
                                        allow_missing=tuple(part + "." for part in ENCODER_PARTS),
                                        hint="its output blocks were trained on another stage-2 model")
             self.controlnets.append((path, loaded))
+        self.loras = load_loras(self.model, files.loras, merge=files.lora_merge,
+                                allow_partial=files.lora_allow_partial, n=lambda key: name_of(names, key))
 
     @classmethod
     def from_file(cls, checkpoint: str | os.PathLike, config: str | os.PathLike | None = None, *,
-                  controlnets: Sequence[str | os.PathLike] = (), ema: bool = False, device: str = "cpu") -> Pipeline:
+                  controlnets: Sequence[str | os.PathLike] = (), ema: bool = False, device: str = "cpu",
+                  loras: Sequence = (), lora_allow_partial: bool = False, lora_merge: bool = False) -> Pipeline:
         """Check and load a model file: train_stage2.py's model.safetensors, or an original SD / LDM
         .ckpt / .safetensors with its inference YAML `config` (default: the .yaml beside it; `ema` takes
-        its model_ema.* U-Net weights), with ControlNet files (ours or original) in `controlnets`."""
-        return cls(ModelFiles.read(checkpoint, config, ema=ema, controlnets=controlnets, device=device))
+        its model_ema.* U-Net weights), with ControlNet files (ours or original) in `controlnets`.
+
+        loras: LoRA files (kohya / A1111 or diffusers / PEFT) for the U-Net and text encoder, each a path
+        (scale 1) or a (path, scale) pair, stacked in order; applied as forward hooks, or with `lora_merge`
+        merged into the weights (no cost per step). Keys matching no layer are an error, or with
+        `lora_allow_partial` a warning with their count. A missing file or one holding no LoRA is a
+        one-line error before any weights load; a LoRA that does not fit the model, before any step."""
+        return cls(ModelFiles.read(checkpoint, config, ema=ema, controlnets=controlnets, device=device, loras=loras,
+                                   lora_allow_partial=lora_allow_partial, lora_merge=lora_merge))
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str = "", *, sampler: str = DEFAULT_SAMPLER,
                  steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
@@ -164,6 +179,7 @@ class Pipeline:
                             control_scales=plan.scales, guess_mode=request.guess_mode)
             if "canny" in plan.kinds:
                 settings.update(zip(("canny_low", "canny_high"), request.canny_thresholds))
+        settings.update(lora_record(self.loras, self.files.lora_merge))
         return settings
 
     def draw(self, plan: Plan, callback: StepCallback | None = None,

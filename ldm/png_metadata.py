@@ -34,6 +34,9 @@ A1111_NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "See
                  "Denoising strength": ("strength", float), "Eta DDIM": ("eta", float),
                  "Guidance rescale": ("guidance_rescale", float)}
 A1111_NOT_SETTINGS = ("Model", "Version")  # describe the run without changing the image
+# An extra network named in an A1111 prompt, `<lora:NAME:SCALE>` (A1111's re_extra_net); A1111 reads the
+# tags out of the prompt before encoding it and keeps them in the infotext's prompt.
+A1111_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 
 
 def png_text(record: dict) -> dict[str, str]:
@@ -69,8 +72,10 @@ def a1111_parameters(record: dict) -> str:
     """A1111's infotext (modules/processing.py, create_infotext) of an image record: the prompt, then
     "Negative prompt: ..." if there is one, then "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras,
     CFG scale: 3, Seed: 0, Size: 64x64, Model hash: <sha256[:10]>, Model: <file stem>" and, where they
-    apply, Denoising strength, Eta DDIM and Guidance rescale. Inpainting and ControlNet settings are in
-    the JSON record only."""
+    apply, Denoising strength, Eta DDIM and Guidance rescale. LoRAs as A1111 writes them: a tag
+    `<lora:NAME:SCALE>` each after the prompt, and `Lora hashes: "NAME: HASH, ..."` last (NAME the file
+    name without suffix, HASH A1111's 12 hex digits). Inpainting and ControlNet settings are in the JSON
+    record only."""
     strength = record.get("strength") if record.get("init_image") else None
     fields = {"Steps": record["steps"], "Sampler": A1111_SAMPLERS.get(record["sampler"], record["sampler"]),
               "Schedule type": a1111_schedule(record), "CFG scale": a1111_number(record["guidance"]),
@@ -79,9 +84,53 @@ def a1111_parameters(record: dict) -> str:
               "Denoising strength": None if strength is None else a1111_number(strength),
               "Eta DDIM": a1111_number(record["eta"]) if record["eta"] else None,
               "Guidance rescale": a1111_number(record["guidance_rescale"]) if record["guidance_rescale"] else None}
+    names = [a1111_lora_name(name) for name in record.get("loras", [])]
+    if names:
+        fields["Lora hashes"] = ", ".join(f"{name}: {h}" for name, h in zip(names, record["lora_hashes"]))
     pairs = ", ".join(f"{key}: {a1111_quote(value)}" for key, value in fields.items() if value is not None)
     negative = f"\nNegative prompt: {record['negative']}" if record["negative"] else ""
-    return f"{record['prompt']}{negative}\n{pairs}".strip()
+    tags = [f"<lora:{name}:{a1111_number(scale)}>" for name, scale in zip(names, record.get("lora_scales", []))]
+    prompt = " ".join([record["prompt"], *tags]).strip()
+    return f"{prompt}{negative}\n{pairs}".strip()
+
+
+def a1111_lora_name(file_name: str) -> str:
+    """How A1111 names a LoRA file in tags and hashes: its name without suffix, less the characters its
+    tags and "Lora hashes" cannot hold (':', ',', '<', '>')."""
+    return re.sub(r"[:,<>]", "", Path(file_name).stem)
+
+
+def a1111_loras(prompt: str, hashes: str, unused: list[str]) -> tuple[str, dict]:
+    """A1111's prompt without its `<lora:NAME:SCALE>` tags, and the record fields of those LoRAs (loras:
+    their names, lora_scales, lora_hashes from "Lora hashes" where given). Text-encoder / U-Net weights
+    given apart (`<lora:NAME:TE:UNET>`) and other extra networks go to `unused`."""
+    known = {}
+    for pair in hashes.split(","):
+        name, _, value = pair.partition(":")
+        if value.strip():
+            known[name.strip()] = value.strip()
+    loras: dict[str, float] = {}
+
+    def take(match: re.Match) -> str:
+        kind, (name, *items) = match.group(1), match.group(2).split(":")
+        if kind not in ("lora", "lyco"):
+            unused.append(f"{match.group(0)} (an extra network other than a LoRA)")
+            return ""
+        try:  # A1111: text-encoder weight, U-Net weight (default the first), dyn dim; or te= / unet= / dyn=
+            scale = float(items[0]) if items else 1.0
+        except ValueError:
+            unused.append(f"{match.group(0)} (not a scale)")
+            return ""
+        if items[1:] and items[1:] != [items[0]]:
+            unused.append(f"{match.group(0)} (weights or settings beyond one scale; taken as {scale:g})")
+        loras[name] = scale
+        return ""
+
+    text = A1111_EXTRA_NETWORK.sub(take, prompt).strip()
+    if not loras:
+        return text, {}
+    return text, {"loras": list(loras), "lora_scales": list(loras.values()),
+                  "lora_hashes": [known.get(name) for name in loras]}
 
 
 def parse_a1111_parameters(text: str) -> dict[str, str]:
@@ -163,6 +212,8 @@ def a1111_record(path: str, text: str) -> PngRecord:
     values = parse_a1111_parameters(text)
     fields = {"prompt": values.pop("Prompt"), "negative": values.pop("Negative prompt")}
     record = PngRecord(path, fields, values.pop("Model hash", None))
+    fields["prompt"], loras = a1111_loras(fields["prompt"], values.pop("Lora hashes", ""), record.unused)
+    fields.update(loras)
     sampler, schedule = values.pop("Sampler", None), values.pop("Schedule type", None)
     if sampler and sampler.endswith(" Karras") and sampler not in A1111_SAMPLERS.values():
         sampler, schedule = sampler[:-len(" Karras")], schedule or "Karras"

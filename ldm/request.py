@@ -25,6 +25,7 @@ from .diffusion import Diffusion
 from .generation import SizeLimits
 from .latent_diffusion import LatentDiffusionConfig
 from .original_format import model_file_kind, read_model_configs
+from .pipeline_lora import LoRASpec, check_lora_files, lora_specs
 from .samplers import repaint_path
 from .sampling_options import MAX_SEED, OptionError, SamplingOptions
 from .schedule import NoiseSchedule
@@ -45,7 +46,7 @@ MAX_CONTROL_SCALE = 10.0
 # What an error calls each input: keys are the `Request` fields (and the sampling options' field names);
 # a key not listed is its own name. generate.py passes its flags instead.
 API_NAMES = {"negative": "negative_prompt", "controlnet": "ControlNet", "controlnets": "controlnets=[...]",
-             "checkpoint": "the checkpoint"}
+             "checkpoint": "the checkpoint", "loras": "loras=[...]", "lora_allow_partial": "lora_allow_partial=True"}
 
 
 def name_of(names: Mapping[str, str], key: str) -> str:
@@ -263,8 +264,10 @@ class Plan:
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """A model file and its ControlNets, checked for what they hold and with their configs read, but no
-    weights loaded (`read`); `plan` checks a request against them."""
+    """A model file, its ControlNets and LoRAs, checked for what they hold and with their configs read, but
+    no weights loaded (`read`); `plan` checks a request against them. lora_merge: bake the LoRAs into the
+    weights at load (default: forward hooks); lora_allow_partial: LoRA keys matching no layer are a
+    warning, not an error (`ldm.pipeline_lora`)."""
 
     checkpoint: str
     config: str | None
@@ -273,14 +276,20 @@ class ModelFiles:
     device: str
     cfg: LatentDiffusionConfig = field(repr=False)
     autoencoder_cfg: AutoencoderConfig = field(repr=False)
+    loras: tuple[LoRASpec, ...] = ()
+    lora_allow_partial: bool = False
+    lora_merge: bool = False
 
     @classmethod
     def read(cls, checkpoint: str | os.PathLike, config: str | os.PathLike | None = None, *, ema: bool = False,
-             controlnets: Sequence[str | os.PathLike] = (), device: str = "cpu",
+             controlnets: Sequence[str | os.PathLike] = (), device: str = "cpu", loras: Sequence = (),
+             lora_allow_partial: bool = False, lora_merge: bool = False,
              names: Mapping[str, str] = API_NAMES) -> ModelFiles:
-        """Check the files (present; `checkpoint` a whole model, each of `controlnets` a ControlNet, told by
-        metadata or key names) and `device`, and read the model's configs. config: the original YAML of an
-        original checkpoint (default: the .yaml beside it); ema: its model_ema.* U-Net weights."""
+        """Check the files (present; `checkpoint` a whole model, each of `controlnets` a ControlNet, each of
+        `loras` a LoRA file, told by metadata or key names) and `device`, and read the model's configs.
+        config: the original YAML of an original checkpoint (default: the .yaml beside it); ema: its
+        model_ema.* U-Net weights; loras: paths, (path, scale) pairs or `LoRASpec`s. Whether a LoRA fits
+        the model is known once its weights load (`Pipeline`), before any step."""
         n = lambda key: name_of(names, key)  # noqa: E731
         checkpoint, controlnets = str(checkpoint), tuple(str(p) for p in controlnets)
         if not Path(checkpoint).is_file():
@@ -303,9 +312,11 @@ class ModelFiles:
                          "or original ControlNet weights)")
                 remedy = f"pass it with {n('checkpoint')} ({takes})" if kind.model else takes
                 raise ValueError(f"{path} is {kind.description}; {remedy}")
+        specs = lora_specs(loras, n)
+        check_lora_files(specs, n)
         cfg, autoencoder_cfg = read_model_configs(checkpoint, config, use_ema=ema)
         return cls(checkpoint, None if config is None else str(config), ema, controlnets, device, cfg,
-                   autoencoder_cfg)
+                   autoencoder_cfg, specs, lora_allow_partial, lora_merge)
 
     @property
     def schedule(self) -> NoiseSchedule:
