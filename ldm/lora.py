@@ -66,16 +66,29 @@ class _Branch:
     """Forward hook adding `scale * alpha / rank * up(down(x))` to a linear or conv layer's output."""
 
     def __init__(self, layer: LoRALayer, scale: float):
-        self.down, self.up, self.factor = layer.down, layer.up, scale * layer.alpha / layer.rank
+        # The factor goes into `up` once: one pass over the output fewer per call.
+        self.down, self.up = layer.down, layer.up * (scale * layer.alpha / layer.rank)
+        self._cast: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """down and scaled up on x's device and dtype, cast once and kept (a step calls every hook)."""
+        if self._cast is None or self._cast[0].device != x.device or self._cast[0].dtype != x.dtype:
+            self._cast = (self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype))
+        return self._cast
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         x = args[0]
-        down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
+        down, up = self.weights(x)
+        in_place = not torch.is_grad_enabled() and output.dtype == x.dtype
         if isinstance(module, nn.Conv2d):
             h = F.conv2d(F.conv2d(x, down, None, module.stride, module.padding, module.dilation), up)
-        else:
-            h = F.linear(F.linear(x, down), up)
-        return output + self.factor * h
+            return output.add_(h) if in_place else output + h
+        if in_place and output.is_contiguous():
+            # One GEMM that accumulates into the layer's output instead of a product, then a sum.
+            rows = output.view(-1, output.shape[-1])
+            rows.addmm_(F.linear(x, down).reshape(rows.shape[0], -1), up.t())
+            return output
+        return output + F.linear(F.linear(x, down), up)
 
 
 def _targets(model, lora: LoRA) -> list[tuple[nn.Module, LoRALayer]]:
