@@ -1,6 +1,10 @@
 """The web UI's parts without a browser (tests/test_app_browser.py drives the page): a PNG's settings as
 field values, the mask drawn in the editor, the Canny preview, output names, the flags, and the handlers
-called directly (step progress, messages for bad input, the files the gallery serves)."""
+called directly (step progress, messages for bad input, the files the gallery serves, the LoRA choice: the
+Pipeline's pixels at its scale, and read back from a PNG).
+
+The LoRA is a random one on the shipped default model (tests/test_generate_lora.py's `random_lora`), in a
+models folder of its own beside links to the shipped files."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,13 +18,16 @@ from PIL.PngImagePlugin import PngInfo
 from ldm import Pipeline, save_image
 from ldm.app import cli
 from ldm.app.fields import (canny_preview, editor_images, next_output_paths, settings_from_png, shipped_controlnets,
-                            shipped_models)
-from ldm.app.ui import CUSTOM_MODEL, Studio, page_message, size_keywords
+                            shipped_loras, shipped_models)
+from ldm.app.ui import CUSTOM_LORA, CUSTOM_MODEL, NO_LORA, Studio, page_message, size_keywords
+from ldm.lora_files import write_lora
 from ldm.png_metadata import image_text
 from ldm.request import condition_tensor
+from test_generate_lora import random_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "default" / "model.safetensors"
+LORA_CHOICE = "default/lora-test.safetensors"
 
 
 def a1111_png(path: Path, parameters: str) -> Path:
@@ -36,6 +43,24 @@ def studio(tmp_path_factory) -> Studio:
     return Studio(args)
 
 
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    """models/default's model and ControlNet (links) with a random LoRA for the model, lora-test.safetensors."""
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "default").mkdir()
+    for name in ("model.safetensors", "controlnet-canny.safetensors"):
+        (folder / "default" / name).symlink_to(MODEL.parent / name)
+    model = Pipeline.from_file(MODEL).model
+    write_lora(random_lora(model, 7), folder / "default" / "lora-test.safetensors", model, "kohya")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_studio(models_dir, tmp_path_factory) -> Studio:
+    args = cli.parse_args(["--models-dir", str(models_dir), "--outdir", str(tmp_path_factory.mktemp("ui-out"))])
+    return Studio(args)
+
+
 # -- a PNG's settings as field values -------------------------------------------------------------------
 
 def test_a_png_made_here_fills_every_field(tmp_path):
@@ -44,7 +69,7 @@ def test_a_png_made_here_fills_every_field(tmp_path):
     save_image(image, tmp_path / "ours.png")
     settings = settings_from_png(tmp_path / "ours.png")
     assert settings.values == {"prompt": "fire", "negative_prompt": "smoke", "sampler": "euler", "steps": 2,
-                               "guidance": 4.5, "seed": 11, "width": 64, "height": 64}
+                               "guidance": 4.5, "seed": 11, "width": 64, "height": 64, "lora": ""}
     assert settings.parameters == image.info["parameters"]
     assert any("model.safetensors" in note for note in settings.notes)
 
@@ -55,7 +80,7 @@ def test_an_a1111_png_fills_the_fields_it_has(tmp_path):
     settings = settings_from_png(path)
     assert settings.values == {"prompt": 'a "cat", on a mat', "negative_prompt": "blurry", "sampler": "dpmpp-2m",
                                "steps": 30, "guidance": 7.5, "seed": 42, "strength": 0.4, "width": 512,
-                               "height": 768}
+                               "height": 768, "lora": ""}
     assert settings.notes == ["not reproduced: Clip skip: 2"]
 
 
@@ -118,6 +143,12 @@ def test_shipped_models_are_found():
     assert "default/controlnet-canny.safetensors" in shipped_controlnets(ROOT / "models")
 
 
+def test_the_lora_choices_are_the_lora_files(models_dir, lora_studio):
+    assert shipped_loras(models_dir) == {LORA_CHOICE: str(models_dir / "default" / "lora-test.safetensors")}
+    assert lora_studio.lora_choices() == [NO_LORA, LORA_CHOICE, CUSTOM_LORA]
+    assert all(Path(path).name.startswith("lora") for path in shipped_loras(ROOT / "models").values())
+
+
 # -- flags --------------------------------------------------------------------------------------------
 
 def test_flags_default_to_localhost_and_the_shipped_model():
@@ -163,7 +194,7 @@ def run(studio: Studio, mode="text to image", progress=None, **changes):
     values = dict(mode=mode, model="default", model_path="", config="", prompt="fire", negative="",
                   sampler="dpmpp-2m", steps=3, guidance=3.0, seed=5, count=2, width=0, height=0, init_image=None,
                   strength=0.6, editor=None, mask_file=None, controlnet=None, control_file=None, canny_low=100,
-                  canny_high=200, control_scale=1.0)
+                  canny_high=200, control_scale=1.0, lora=NO_LORA, lora_path="", lora_scale=1.0)
     values.update(changes)
     return studio.generate(**values, progress=progress or Progress())
 
@@ -193,6 +224,9 @@ def test_random_seed_is_recorded(studio):
     (dict(mode="ControlNet", controlnet="default/controlnet-canny.safetensors"), "upload a control image"),
     (dict(model=CUSTOM_MODEL, model_path="nowhere.safetensors"), "not found: nowhere.safetensors"),
     (dict(width=30), "multiple of"),
+    (dict(lora=CUSTOM_LORA, lora_path="nowhere.safetensors"), "LoRA file not found: nowhere.safetensors"),
+    (dict(lora=CUSTOM_LORA, lora_path=str(MODEL)), "model.safetensors is .*takes LoRA files"),
+    (dict(lora=CUSTOM_LORA, lora_path=" "), "choose a LoRA, or give a LoRA file's path"),
 ])
 def test_bad_input_is_a_message_in_the_page(studio, changes, message):
     with pytest.raises(gr.Error, match=message):
@@ -230,8 +264,62 @@ def test_upload_paths_are_named_by_file_name():
 def test_read_png_fills_fields_and_leaves_the_others(studio, tmp_path):
     updates = studio.read_png(str(a1111_png(tmp_path / "a.png", "a cat\nSteps: 9, Sampler: Euler, Seed: 3")))
     values = [u.get("value", "unchanged") for u in updates[:-1]]
-    assert values == ["a cat", "", "euler", 9, "unchanged", 3, "unchanged", "unchanged", "unchanged"]
+    assert values == ["a cat", "", "euler", 9, "unchanged", 3, "unchanged", "unchanged", "unchanged", NO_LORA, "",
+                      "unchanged"]
     assert updates[-1].startswith("a cat\nSteps: 9")
     Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
     with pytest.raises(gr.Error, match="plain.png holds no generation parameters"):
         studio.read_png(str(tmp_path / "plain.png"))
+
+
+# -- the LoRA choice -------------------------------------------------------------------------------------
+
+def drawn(gallery) -> np.ndarray:
+    with Image.open(gallery[0][0]) as image:
+        return np.asarray(image)
+
+
+@pytest.mark.parametrize("scale", [0.7, 1.3])  # in this order: the second draws after the first is loaded
+def test_a_lora_draws_the_pipelines_pixels_at_its_scale(lora_studio, models_dir, scale):
+    gallery, info = run(lora_studio, lora=LORA_CHOICE, lora_scale=scale, count=1, steps=2)
+    file = models_dir / "default" / "lora-test.safetensors"
+    expected = Pipeline.from_file(MODEL, loras=[(file, scale)])("fire", steps=2, seed=5)[0]
+    assert np.array_equal(drawn(gallery), np.asarray(expected)) and info == expected.info["parameters"]
+    assert f"<lora:lora-test:{scale:g}>" in info
+    base = Pipeline.from_file(MODEL)("fire", steps=2, seed=5)[0]
+    assert not np.array_equal(drawn(gallery), np.asarray(base))
+
+
+def test_a_lora_file_by_its_path_at_scale_0_draws_the_base_model(lora_studio, models_dir):
+    file = str(models_dir / "default" / "lora-test.safetensors")
+    gallery, info = run(lora_studio, lora=CUSTOM_LORA, lora_path=file, lora_scale=0, count=1, steps=2)
+    none, _ = run(lora_studio, count=1, steps=2)
+    assert np.array_equal(drawn(gallery), drawn(none)) and "<lora:lora-test:0>" in info
+
+
+def test_read_png_fills_the_lora_found_in_the_models_folder(lora_studio, models_dir, tmp_path):
+    file = models_dir / "default" / "lora-test.safetensors"
+    image = Pipeline.from_file(MODEL, loras=[(file, 0.6)])("fire", steps=1, seed=2)[0]
+    save_image(image, tmp_path / "ours.png")
+    a1111_png(tmp_path / "a.png", "a cat <lora:lora-test:1.4>\nSteps: 9, Sampler: Euler, Seed: 3")
+    a1111_png(tmp_path / "b.png", "a cat <lora:elsewhere:0.5>\nSteps: 9, Sampler: Euler, Seed: 3")
+    a1111_png(tmp_path / "c.png", "a cat\nSteps: 9, Sampler: Euler, Seed: 3")
+    fields = {}
+    for name in ("ours", "a", "b", "c"):
+        updates = lora_studio.read_png(str(tmp_path / f"{name}.png"))
+        fields[name] = [u.get("value", "unchanged") for u in updates[-4:-1]] + [updates[0].get("value")]
+    assert fields["ours"] == [LORA_CHOICE, "", 0.6, "fire"]
+    assert fields["a"] == [LORA_CHOICE, "", 1.4, "a cat"]
+    assert fields["b"] == ["unchanged", "unchanged", "unchanged", "a cat"]  # not found: the choice is kept
+    assert "LoRA elsewhere (scale 0.5) not found" in lora_studio.read_png(str(tmp_path / "b.png"))[-1]
+    assert fields["c"] == [NO_LORA, "", "unchanged", "a cat"]  # drawn without a LoRA
+
+
+def test_a_lora_outside_the_models_folder_fills_the_path_box(lora_studio, models_dir, tmp_path):
+    file = tmp_path / "mine.safetensors"
+    file.write_bytes((models_dir / "default" / "lora-test.safetensors").read_bytes())
+    png = a1111_png(tmp_path / "a.png", "x <lora:mine:0.3> <lora:lora-test:1>\nSteps: 9, Sampler: Euler, Seed: 3")
+    settings = settings_from_png(png, [tmp_path])
+    assert (settings.values["lora"], settings.values["lora_scale"]) == (str(file), 0.3)
+    assert any("the page draws with one, mine" in note for note in settings.notes)
+    assert lora_studio.lora_fields(str(file)) == (CUSTOM_LORA, str(file))

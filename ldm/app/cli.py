@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the original inference YAML of an original SD / LDM --model (default: the "
                    ".yaml beside it)")
     p.add_argument("--models-dir", default=str(ROOT / "models"), help="where the model choices come from: every "
-                   "*/model.safetensors and */controlnet*.safetensors in it (default: the shipped models/)")
+                   "*/model.safetensors and */controlnet*.safetensors in it, and the LoRA choices: every "
+                   "*/*.safetensors holding LoRA weights (default: the shipped models/)")
     p.add_argument("--outdir", default="outputs/ui", help="where generated PNGs are written (default outputs/ui)")
     return p
 

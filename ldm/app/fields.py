@@ -1,11 +1,12 @@
-"""What the web UI computes without gradio: a PNG's settings as the UI's field values, the shipped model
-files, the mask drawn in the image editor, the Canny condition a ControlNet will see, output file names.
+"""What the web UI computes without gradio: a PNG's settings as the UI's field values, the shipped model,
+ControlNet and LoRA files, the mask drawn in the image editor, the Canny condition a ControlNet will see, output file names.
 
 Kept apart from `ldm.app.ui` so that these are tested without a browser or a gradio import.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,13 +14,17 @@ import numpy as np
 from PIL import Image
 
 from conditioning.edges import canny
+from ..original_format import TensorFile
+from ..pipeline_lora import LORA_KEY, find_recorded_loras
 from ..png_metadata import A1111_SIZE, read_png_record
 from ..request import open_image
 from ..samplers import SAMPLERS, get_sampler
 
 # The fields "read settings from a PNG" fills, by the UI's names (the PNG record's names differ:
-# negative -> negative_prompt, size -> width and height).
-UI_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "seed", "width", "height", "strength")
+# negative -> negative_prompt, size -> width and height, loras -> lora (the file's path, "" for none) and
+# lora_scale; the UI turns `lora` into its dropdown choice and path box, lora_path).
+UI_FIELDS = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "seed", "width", "height", "strength",
+             "lora", "lora_path", "lora_scale")
 RECORD_TO_UI = {"prompt": "prompt", "negative": "negative_prompt", "sampler": "sampler", "steps": "steps",
                 "guidance": "guidance", "seed": "seed", "strength": "strength"}
 CONTROLNET_GLOB = "controlnet*.safetensors"
@@ -35,9 +40,10 @@ class PngSettings:
     parameters: str = ""
 
 
-def settings_from_png(path: str | Path) -> PngSettings:
+def settings_from_png(path: str | Path, lora_folders: Sequence[str | Path] = ()) -> PngSettings:
     """The settings a PNG made here (our JSON record) or by A1111 (its `parameters` text) holds, as UI field
-    values. A file that is no PNG or holds no settings is a one-line ValueError / FileNotFoundError."""
+    values. The LoRA it names is looked for by file name in `lora_folders` (`lora_settings`). A file that is
+    no PNG or holds no settings is a one-line ValueError / FileNotFoundError."""
     try:
         record = read_png_record(str(path))
     except (ValueError, FileNotFoundError) as e:
@@ -66,8 +72,39 @@ def settings_from_png(path: str | Path) -> PngSettings:
                               f"{', '.join(fields.get('control_images', []))}")
     if fields.get("checkpoint"):
         settings.notes.append(f"model {fields['checkpoint']} (sha256 {fields.get('checkpoint_sha256', '?')})")
+    lora_settings(fields, lora_folders, settings)
     settings.notes += [f"not reproduced: {item}" for item in record.unused]
     return settings
+
+
+def lora_settings(fields: dict, folders: Sequence[str | Path], settings: PngSettings) -> None:
+    """The LoRA of a PNG record as `lora` (its file's path) and `lora_scale`: "" (no LoRA) when the record
+    names none, the first one found by file name in `folders` (preferring a file of the recorded hash,
+    `ldm.pipeline_lora.find_recorded_loras`) when it names some. The UI draws with one LoRA: the others,
+    and one not found (the current choice kept), are notes."""
+    names = fields.get("loras") or []
+    if not names:
+        settings.values["lora"] = ""
+        return
+    scales = fields.get("lora_scales") or [1.0] * len(names)
+    shas = fields.get("lora_sha256") or [None] * len(names)
+    hashes = fields.get("lora_hashes") or [None] * len(names)
+    if len(names) > 1:
+        settings.notes.append("drawn with the LoRAs " + ", ".join(f"{n} ({s:g})" for n, s in zip(names, scales))
+                              + f": the page draws with one, {names[0]} (generate.py --lora stacks them)")
+    try:
+        specs, notes = find_recorded_loras({"loras": names[:1], "lora_scales": scales[:1], "lora_sha256": shas[:1],
+                                            "lora_hashes": hashes[:1]}, folders, "drawn")
+    except ValueError:
+        settings.notes.append(f"LoRA {names[0]} (scale {scales[0]:g}) not found in "
+                              f"{', '.join(str(f) for f in folders) or 'the models folder'}: choose its file "
+                              "(the LoRA field kept its choice)")
+        return
+    settings.values["lora"], settings.values["lora_scale"] = specs[0].path, specs[0].scale
+    settings.notes += notes
+    if fields.get("lora_merge"):
+        settings.notes.append("its LoRAs were merged into the weights; the page applies them unmerged (pixels "
+                              "within 1/255 of it)")
 
 
 def _parameters_text(path: str | Path) -> str:
@@ -84,6 +121,24 @@ def shipped_models(models_dir: Path) -> dict[str, str]:
 def shipped_controlnets(models_dir: Path) -> dict[str, str]:
     """The shipped ControlNets: {"folder/file": path} of every controlnet*.safetensors in models/."""
     return {f"{p.parent.name}/{p.name}": str(p) for p in sorted(Path(models_dir).glob(f"*/{CONTROLNET_GLOB}"))}
+
+
+def shipped_loras(models_dir: Path) -> dict[str, str]:
+    """The LoRA files in the models folder: {"folder/file": path} of every */*.safetensors whose keys are a
+    LoRA's (its header alone is read; model and ControlNet files are not listed)."""
+    loras = {}
+    for path in sorted(Path(models_dir).glob("*/*.safetensors")):
+        try:
+            if any(LORA_KEY.search(key) for key in TensorFile(path).keys()):
+                loras[f"{path.parent.name}/{path.name}"] = str(path)
+        except (OSError, ValueError):  # an unreadable file is no choice; the path box still takes it
+            continue
+    return loras
+
+
+def lora_folders(models_dir: Path) -> list[Path]:
+    """Where "read settings from a PNG" looks for a LoRA by file name: the models folder's folders."""
+    return sorted(p for p in Path(models_dir).iterdir() if p.is_dir())
 
 
 def editor_images(value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:

@@ -1,5 +1,8 @@
 """The web UI's page and its handlers: a gradio Blocks app over `ldm.Pipeline`.
 
+A LoRA (one of the models folder's, or a file's path) at a scale applies to every mode; the pipeline is
+loaded for each (model, ControlNet, LoRA file and scale) and the last few are kept.
+
 One generate button draws in the mode of the open tab (text to image, image to image, inpainting with a
 mask drawn in the page, ControlNet with its Canny condition shown before drawing). Images are written
 with `ldm.png_metadata.save_image` and the gallery serves those files as they are, so a downloaded image
@@ -24,11 +27,13 @@ from ..png_metadata import PARAMETERS_KEY, save_image
 from ..request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, open_image
 from ..samplers import SAMPLERS
 from ..sampling_options import IMG2IMG_STRENGTH, MAX_SEED
-from .fields import (UI_FIELDS, canny_preview, editor_images, next_output_paths, settings_from_png,
-                     shipped_controlnets, shipped_models)
+from .fields import (UI_FIELDS, canny_preview, editor_images, lora_folders, next_output_paths, settings_from_png,
+                     shipped_controlnets, shipped_loras, shipped_models)
 
 MODES = ("text to image", "image to image", "inpainting", "ControlNet")
 CUSTOM_MODEL = "(the file below)"
+NO_LORA = "(none)"
+CUSTOM_LORA = "(the LoRA file below)"
 LOADED_PIPELINES = 2  # kept loaded, so switching between two models (or with / without a ControlNet) is quick
 # What a bad input raises (Pipeline's one-line errors) and becomes a message in the page.
 INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, RunFailed)
@@ -43,6 +48,7 @@ class Studio:
         self.default_model, self.default_config = str(args.model), args.config
         self.models = shipped_models(self.models_dir)
         self.controlnets = shipped_controlnets(self.models_dir)
+        self.loras = shipped_loras(self.models_dir)
         self.pipelines: OrderedDict[tuple, Pipeline] = OrderedDict()
         self.lock = threading.Lock()  # the queue runs one request at a time; the lock makes sure of it
 
@@ -57,15 +63,42 @@ class Studio:
                 return name, ""
         return CUSTOM_MODEL, self.default_model
 
-    def pipeline(self, model: str, path: str, config: str, controlnet: str | None) -> Pipeline:
-        """The pipeline for the chosen model (and ControlNet), loaded once and kept among the last few."""
+    def lora_choices(self) -> list[str]:
+        """The LoRA dropdown: none, the models folder's LoRAs, and the LoRA path box's entry."""
+        return [NO_LORA, *self.loras, CUSTOM_LORA]
+
+    def lora_file(self, lora: str | None, path: str | None) -> str | None:
+        """The chosen LoRA file's path (None for none)."""
+        if lora in (None, "", NO_LORA):
+            return None
+        if lora != CUSTOM_LORA:
+            return self.loras.get(lora, lora)  # an API caller may give a path in place of a choice
+        if not (path or "").strip():
+            raise ValueError("choose a LoRA, or give a LoRA file's path")
+        return path.strip()
+
+    def lora_fields(self, file: str) -> tuple[str, str]:
+        """(dropdown choice, path box) showing a LoRA file: its choice if it is one of the folder's."""
+        if not file:
+            return NO_LORA, ""
+        for name, path in self.loras.items():
+            if Path(path).resolve() == Path(file).resolve():
+                return name, ""
+        return CUSTOM_LORA, file
+
+    def pipeline(self, model: str, path: str, config: str, controlnet: str | None,
+                 loras: tuple[tuple[str, float], ...] = ()) -> Pipeline:
+        """The pipeline for the chosen model (and ControlNet, and LoRAs: (path, scale) pairs), loaded once
+        and kept among the last few. A LoRA file written again since (a newer modification time) is read
+        again."""
         checkpoint = self.models.get(model) if model != CUSTOM_MODEL else path.strip()
         if not checkpoint:
             raise ValueError("choose a model, or give a model file's path")
         nets = [self.controlnets.get(controlnet, controlnet)] if controlnet else []
-        key = (checkpoint, config.strip() or None, *nets)
+        files = tuple((file, scale, _modified(file)) for file, scale in loras)
+        key = (checkpoint, config.strip() or None, tuple(nets), files)
         if key not in self.pipelines:
-            self.pipelines[key] = Pipeline.from_file(checkpoint, key[1], controlnets=nets)
+            self.pipelines[key] = Pipeline.from_file(checkpoint, key[1], controlnets=nets, loras=list(loras))
             while len(self.pipelines) > LOADED_PIPELINES:
                 self.pipelines.popitem(last=False)
         self.pipelines.move_to_end(key)
@@ -73,12 +106,14 @@ class Studio:
 
     def generate(self, mode, model, model_path, config, prompt, negative, sampler, steps, guidance, seed, count,
                  width, height, init_image, strength, editor, mask_file, controlnet, control_file, canny_low,
-                 canny_high, control_scale, progress=gr.Progress()):
+                 canny_high, control_scale, lora=NO_LORA, lora_path="", lora_scale=1.0, progress=gr.Progress()):
         """Draw, write the PNGs, and return (gallery of (path, caption), the first image's parameters)."""
         try:
             with self.lock:
                 progress(0, desc="loading the model")
-                pipe = self.pipeline(model, model_path, config, controlnet if mode == "ControlNet" else None)
+                file = self.lora_file(lora, lora_path)
+                loras = ((file, float(lora_scale)),) if file else ()
+                pipe = self.pipeline(model, model_path, config, controlnet if mode == "ControlNet" else None, loras)
                 keywords = self.mode_keywords(mode, init_image, strength, editor, mask_file, control_file,
                                               canny_low, canny_high, control_scale)
                 seed = random.randint(0, 2**31 - 1) if seed is None or int(seed) < 0 else int(seed)
@@ -131,13 +166,23 @@ class Studio:
         if not path:
             return [gr.update()] * len(UI_FIELDS) + [""]
         try:
-            settings = settings_from_png(path)
+            settings = settings_from_png(path, lora_folders(self.models_dir))
         except (*INPUT_ERRORS, OSError) as e:
             raise gr.Error(page_message(e, path)) from None
+        if "lora" in settings.values:
+            settings.values["lora"], settings.values["lora_path"] = self.lora_fields(settings.values["lora"])
         updates = [gr.update(value=settings.values[name]) if name in settings.values else gr.update()
                    for name in UI_FIELDS]
         notes = "\n".join([settings.parameters, *(f"note: {n}" for n in settings.notes)]).strip()
         return updates + [notes]
+
+
+def _modified(path: str) -> int | None:
+    """A file's modification time in ns (None if it is not there: Pipeline says so)."""
+    try:
+        return Path(path).stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def page_message(error: Exception, *uploads) -> str:
@@ -171,6 +216,11 @@ def build(args: Namespace) -> gr.Blocks:
             model_path = gr.Textbox(model_file, label="Model file (for the file below)", elem_id="model-path",
                                     placeholder="path/to/model.safetensors or an original SD .ckpt")
             config = gr.Textbox(args.config or "", label="Original YAML config (SD / LDM files)", elem_id="config")
+        with gr.Row():
+            lora = gr.Dropdown(studio.lora_choices(), value=NO_LORA, label="LoRA", elem_id="lora")
+            lora_path = gr.Textbox("", label="LoRA file's path (for the LoRA file below)", elem_id="lora-path",
+                                   placeholder="path/to/lora.safetensors (kohya / A1111 or diffusers / PEFT)")
+            lora_scale = gr.Slider(0, 2, 1, step=0.05, label="LoRA scale", elem_id="lora-scale")
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
@@ -229,13 +279,14 @@ def build(args: Namespace) -> gr.Blocks:
                     png_notes = gr.Textbox(label="Its parameters", lines=3, elem_id="png-notes")
         inputs = [mode, model, model_path, config, prompt, negative, sampler, steps, guidance, seed, count, width,
                   height, init_image, strength, editor, mask_file, controlnet, control_file, canny_low, canny_high,
-                  control_scale]
+                  control_scale, lora, lora_path, lora_scale]
         generate.click(studio.generate, inputs, [gallery, info], api_name="generate", concurrency_limit=1,
                        concurrency_id="generate")
         for trigger in (control_file.change, canny_low.release, canny_high.release):
             trigger(studio.preview, [control_file, canny_low, canny_high], edges, api_name=False)
         fields = {"prompt": prompt, "negative_prompt": negative, "sampler": sampler, "steps": steps,
-                  "guidance": guidance, "seed": seed, "width": width, "height": height, "strength": strength}
+                  "guidance": guidance, "seed": seed, "width": width, "height": height, "strength": strength,
+                  "lora": lora, "lora_path": lora_path, "lora_scale": lora_scale}
         png.change(studio.read_png, png, [fields[name] for name in UI_FIELDS] + [png_notes], api_name="read_png")
     app.queue(default_concurrency_limit=1)
     return app
