@@ -21,8 +21,10 @@ from ldm.app.fields import (canny_preview, editor_images, next_output_paths, set
                             shipped_loras, shipped_models)
 from ldm.app.ui import CUSTOM_LORA, CUSTOM_MODEL, NO_LORA, Studio, page_message, size_keywords
 from ldm.lora_files import write_lora
+from ldm.original_format import export_original
 from ldm.png_metadata import image_text
 from ldm.request import condition_tensor
+from test_generate import SIZE, tiny_model
 from test_generate_lora import random_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,3 +325,14 @@ def test_a_lora_outside_the_models_folder_fills_the_path_box(lora_studio, models
     assert (settings.values["lora"], settings.values["lora_scale"]) == (str(file), 0.3)
     assert any("the page draws with one, mine" in note for note in settings.notes)
     assert lora_studio.lora_fields(str(file)) == (CUSTOM_LORA, str(file))
+
+
+def test_an_original_format_file_with_its_yaml_draws_the_pipelines_pixels(studio, tmp_path):
+    """A model given by path as an original SD / LDM checkpoint with its inference YAML (random weights of
+    a tiny SD-style config): the page draws what Pipeline.from_file(path, config) draws, at the size asked."""
+    config = export_original(tiny_model(), tmp_path / "original.safetensors")
+    gallery, _ = run(studio, model=CUSTOM_MODEL, model_path=str(tmp_path / "original.safetensors"),
+                     config=str(config), count=1, steps=2, width=SIZE, height=SIZE)
+    expected = Pipeline.from_file(tmp_path / "original.safetensors", config)("fire", steps=2, seed=5, size=SIZE)
+    assert drawn(gallery).shape == (SIZE, SIZE, 3)
+    assert np.array_equal(drawn(gallery), np.asarray(expected[0]))
