@@ -1,7 +1,7 @@
-"""The shipped LoRA's effect on the shipped default model (issue 21 item 5; bench/RESULTS.md).
+"""A LoRA's effect on the shipped default model (issue 21 item 5; bench/RESULTS.md).
 
-    HF_HUB_OFFLINE=1 python bench/lora_default.py --lora models/default/lora-fashion.safetensors \
-        --n 192 --out runs/bench/lora-default.json [--grid models/default/samples/lora-before-after.png]
+    HF_HUB_OFFLINE=1 python bench/lora_default.py --lora runs/lora-default/lora.safetensors \
+        --n 192 --out runs/bench/lora-default.json [--grid before-after.png]
 
 Scores, with `ldm.evaluate.Evaluator` (DPM-Solver++ 2M, 15 steps, guidance 3, as the project's sweeps;
 image i from seed i, prompts the held-out captions):
