@@ -75,21 +75,25 @@ def model_parts(model: nn.Module | Mapping[str, nn.Module]) -> dict[str, nn.Modu
 
 # ----------------------------------------------------------------------------- reading
 
+PARTIAL_FLAG = "allow_partial / --allow-partial"  # the keyword and `python -m ldm.lora merge`'s flag
 
-def read_lora(path: str | Path, model: nn.Module | Mapping[str, nn.Module], allow_partial: bool = False) -> LoRA:
+
+def read_lora(path: str | Path, model: nn.Module | Mapping[str, nn.Module], allow_partial: bool = False,
+              partial_flag: str = PARTIAL_FLAG) -> LoRA:
     """Read a kohya / A1111 or diffusers / PEFT LoRA file for `model` (see `model_parts`).
 
-    Keys naming no layer of the model are a CheckpointError naming some of them (with
-    `allow_partial`, a warning with their count); weights that do not fit their layer are a
+    Keys naming no layer of the model are a CheckpointError naming some of them and the caller's way to
+    skip them, `partial_flag` (with `allow_partial`, a warning with their count); weights that do not fit their layer are a
     CheckpointError naming the key and both shapes. A file without alphas means alpha = rank.
     """
     tensors = load_weights(path)
-    return lora_from_state_dict(tensors, model, str(path), allow_partial, _peft_alphas(path))
+    return lora_from_state_dict(tensors, model, str(path), allow_partial, _peft_alphas(path), partial_flag)
 
 
 def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], model: nn.Module | Mapping[str, nn.Module],
                          source: str = "LoRA", allow_partial: bool = False,
-                         default_alphas: Mapping[str, object] | None = None) -> LoRA:
+                         default_alphas: Mapping[str, object] | None = None,
+                         partial_flag: str = PARTIAL_FLAG) -> LoRA:
     """`read_lora` on tensors already in memory; `default_alphas` is diffusers' adapter metadata by part."""
     table = TargetTable(model_parts(model))
     found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
@@ -107,8 +111,7 @@ def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], model: nn.Module |
         message = (f"{source}: {len(unmatched)} of {len(tensors)} LoRA keys match no layer of the model, "
                    f"e.g. {unmatched[:SHOWN]}")
         if not allow_partial:
-            raise CheckpointError(f"{message} (a LoRA for another model or format; allow_partial / "
-                                  "--allow-partial skips them)")
+            raise CheckpointError(f"{message} (a LoRA for another model or format; {partial_flag} skips them)")
         warnings.warn(f"{message}; skipped", stacklevel=2)
     lora = LoRA(source=source)
     for name, roles in sorted(found.items()):

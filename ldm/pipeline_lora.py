@@ -39,7 +39,6 @@ __all__ = ["LoRASpec", "LoadedLoRA", "a1111_hash", "check_lora_files", "find_rec
 LORA_KEY = re.compile(r"lora[._](down|up|A|B)\.|lora_linear_layer\.")
 # The suffixes A1111 looks for a LoRA named in a prompt under (its Lora folder holds these).
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-TO_FLAG = "allow_partial / --allow-partial"  # how ldm.lora_files' error names the way out (ldm.lora merge's flag)
 
 
 @dataclass(frozen=True)
@@ -138,10 +137,7 @@ def load_loras(model: nn.Module, specs: Sequence[LoRASpec], *, merge: bool, allo
     for spec in specs:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            try:
-                lora = read_lora(spec.path, model, allow_partial=allow_partial)
-            except CheckpointError as e:  # name the flag / keyword of this caller
-                raise CheckpointError(str(e).replace(TO_FLAG, n("lora_allow_partial"))) from None
+            lora = read_lora(spec.path, model, allow_partial=allow_partial, partial_flag=n("lora_allow_partial"))
         for warning in caught:
             print(f"warning: {warning.message}", file=sys.stderr)
         if not lora.layers:
