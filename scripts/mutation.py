@@ -1,0 +1,278 @@
+"""Mutation testing, module by module, each against only the test files that cover it (`make mutation`).
+
+    python scripts/mutation.py [MODULE ...] [--survivors] [--report] [--fresh] [--jobs N]
+
+The plan (module -> test files) is scripts/mutation.toml; with no MODULE every module in it runs. Each
+module gets a work folder .mutation/<module>/ holding a mutmut 3 set-up: links to this checkout's sources,
+a pyproject.toml with the [tool.mutmut] section for that module, and mutmut's copy of the sources
+(mutants/) with the module's mutants compiled in. The checkout itself is never modified, so other work
+can go on in it while mutants run. Results stay in the work folder: a second run only tests mutants
+that have no result yet (new or changed functions), plus the not-killed ones again when one of the
+module's test files (or tests/conftest.py, tests/*_helpers.py) changed since the last run.
+
+Score per module: killed / (mutants - equivalent), where timeouts count as killed and "no tests" (a
+function none of the module's tests calls) as survived. Equivalent mutants are listed, each with its
+changed line and a one-line reason, in bench/mutation-equivalent.md; an entry whose mutant was killed,
+is gone, or whose line no longer matches is reported as stale.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.cli import ArgumentParser, run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = ROOT / "scripts" / "mutation.toml"
+WORK = ROOT / ".mutation"
+EQUIVALENT = ROOT / "bench" / "mutation-equivalent.md"
+# Test files every module's tests may use besides their own: a change in them re-tests the survivors.
+SHARED_TEST_FILES = ("tests/conftest.py", "tests/*_helpers.py")
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+ENTRY = re.compile(r"^- `(?P<name>[^`]+__mutmut_\d+)`: `(?P<line>[^`]*)` (?P<reason>.+)$")
+
+
+@dataclass
+class Plan:
+    copy: list[str]
+    timeout_multiplier: float
+    tests: dict[str, list[str]]  # module path -> test files
+
+
+@dataclass
+class Row:
+    module: str
+    status: dict[str, str]  # mutant name -> mutmut's status
+    equivalent: list[str] = field(default_factory=list)
+
+    @property
+    def killed(self) -> int:
+        return sum(s in KILLED for s in self.status.values())
+
+    @property
+    def not_killed(self) -> list[str]:
+        return sorted((n for n, s in self.status.items() if s not in KILLED and n not in self.equivalent),
+                      key=_natural)
+
+    def score(self) -> float | None:
+        counted = len(self.status) - len(self.equivalent)
+        return 100.0 * self.killed / counted if counted else None
+
+
+def load_plan() -> Plan:
+    data = tomllib.loads(PLAN.read_text())
+    tests = {module: list(files) for module, files in data["modules"].items()}
+    for module, files in tests.items():
+        missing = [p for p in [module, *files] if not (ROOT / p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{PLAN.relative_to(ROOT)}: {module}: no such file {', '.join(missing)}")
+    return Plan(copy=list(data["run"]["copy"]), timeout_multiplier=float(data["run"]["timeout_multiplier"]),
+                tests=tests)
+
+
+def source_roots() -> list[str]:
+    """The project's top-level packages and scripts (pyproject's setuptools lists): mutmut copies them all
+    so every import in a test resolves to the copy, next to the one mutated module."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = sorted({p.split(".")[0] for p in setuptools["packages"]})
+    return packages + [f"{m}.py" for m in setuptools["py-modules"]]
+
+
+def dotted(module: str) -> str:
+    return module.removesuffix(".py").replace("/", ".")
+
+
+def work_dir(module: str) -> Path:
+    return WORK / dotted(module)
+
+
+def prepare(module: str, plan: Plan) -> Path:
+    """The module's mutmut folder: links to the sources and copied folders, and its pyproject.toml."""
+    work = work_dir(module)
+    work.mkdir(parents=True, exist_ok=True)
+    for name in source_roots() + plan.copy:
+        link = work / name
+        if not link.is_symlink():
+            link.symlink_to(ROOT / name)
+    mutmut = {
+        "source_paths": source_roots(),
+        "only_mutate": [module],
+        "also_copy": plan.copy,
+        "pytest_add_cli_args_test_selection": plan.tests[module],
+        "pytest_add_cli_args": ["-p", "no:cacheprovider"],
+        "timeout_multiplier": plan.timeout_multiplier,
+        # The work folder is inside this checkout: git's view of changes is the whole repository's.
+        "use_git_change_detection": False,
+    }
+    section = "\n".join(f"{key} = {_toml(value)}" for key, value in mutmut.items())
+    text = (ROOT / "pyproject.toml").read_text() + f"\n[tool.mutmut]\n{section}\n"
+    if not (work / "pyproject.toml").is_file() or (work / "pyproject.toml").read_text() != text:
+        (work / "pyproject.toml").write_text(text)
+    _refresh_copies(work, module)
+    return work
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    return repr(value) if isinstance(value, float) else f'"{value}"'
+
+
+def _refresh_copies(work: Path, module: str) -> None:
+    """mutmut copies a source file once; later edits of the unmutated files must reach its copy too."""
+    copies = work / "mutants"
+    if not copies.is_dir():
+        return
+    for root in source_roots():
+        files = [ROOT / root] if root.endswith(".py") else (ROOT / root).rglob("*")
+        for source in files:
+            rel = source.relative_to(ROOT)
+            target = copies / rel
+            if (rel.as_posix() == module or not source.is_file() or "__pycache__" in rel.parts
+                    or not target.is_file()):
+                continue
+            if target.read_bytes() != source.read_bytes():
+                shutil.copy2(source, target)
+
+
+def tests_fingerprint(module: str, plan: Plan) -> str:
+    files = [ROOT / p for p in plan.tests[module]]
+    files += [f for pattern in SHARED_TEST_FILES for f in sorted(ROOT.glob(pattern))]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def mutmut(work: Path, *args: str, capture: bool = False) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run([sys.executable, "-W", "ignore", "-m", "mutmut", *args], cwd=work, env=env,
+                          text=True, capture_output=capture)
+    if done.returncode != 0:
+        raise RuntimeError(f"mutmut {args[0]} failed in {work} (exit {done.returncode})"
+                           + (f": {done.stdout[-2000:]}{done.stderr[-2000:]}" if capture else ""))
+    return done.stdout if capture else ""
+
+
+def statuses(work: Path, module: str) -> dict[str, str]:
+    """mutant name -> status (killed, survived, no tests, timeout, ...) for the module's mutants."""
+    prefix = dotted(module) + "."
+    found = {}
+    for line in mutmut(work, "results", "--all", "true", capture=True).splitlines():
+        name, sep, status = line.strip().rpartition(": ")
+        if sep and name.startswith(prefix):
+            found[name] = status
+    return found
+
+
+def run_module(module: str, plan: Plan, jobs: int) -> None:
+    work = prepare(module, plan)
+    stamp = work / "tests.sha256"
+    fingerprint = tests_fingerprint(module, plan)
+    print(f"== {module}: {' '.join(plan.tests[module])}", flush=True)
+    mutmut(work, "run", "--max-children", str(jobs))
+    if stamp.is_file() and stamp.read_text() != fingerprint:
+        again = [n for n, s in statuses(work, module).items() if s not in KILLED]
+        if again:
+            print(f"   tests changed: re-testing {len(again)} mutants that were not killed", flush=True)
+            mutmut(work, "run", "--max-children", str(jobs), *again)
+    stamp.write_text(fingerprint)
+
+
+def read_equivalent() -> dict[str, tuple[str, str]]:
+    """bench/mutation-equivalent.md: mutant name -> (its changed line, why no test can kill it)."""
+    if not EQUIVALENT.is_file():
+        return {}
+    entries = {}
+    for line in EQUIVALENT.read_text().splitlines():
+        match = ENTRY.match(line)
+        if match:
+            entries[match["name"]] = (match["line"], match["reason"])
+    return entries
+
+
+def mutated_line(work: Path, name: str) -> str:
+    """The first added line of the mutant's diff (mutmut show), stripped: what an equivalence entry quotes."""
+    diff = mutmut(work, "show", name, capture=True)
+    return next((l[1:].strip() for l in diff.splitlines() if l.startswith("+") and not l.startswith("+++")), "")
+
+
+def summarise(module: str, work: Path, equivalent: dict[str, tuple[str, str]]) -> tuple[Row, list[str]]:
+    """The module's counts, and the equivalence entries for it that no longer hold."""
+    status = statuses(work, module)
+    row, stale = Row(module, status), []
+    for name, (line, _) in equivalent.items():
+        if not name.startswith(dotted(module) + "."):
+            continue
+        if name not in status:
+            stale.append(f"{name}: no such mutant (its function changed? review it again)")
+        elif status[name] in KILLED:
+            stale.append(f"{name}: listed as equivalent but a test kills it")
+        elif mutated_line(work, name) != line:
+            stale.append(f"{name}: its changed line is now `{mutated_line(work, name)}`, the entry says `{line}`")
+        else:
+            row.equivalent.append(name)
+    return row, stale
+
+
+def _natural(name: str) -> tuple[str, int]:
+    head, _, number = name.rpartition("_")
+    return head, int(number) if number.isdigit() else 0
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| module | mutants | killed | equivalent | not killed | score |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        score = r.score()
+        lines.append(f"| {r.module} | {len(r.status)} | {r.killed} | {len(r.equivalent)} | {len(r.not_killed)} "
+                     f"| {'-' if score is None else f'{score:.1f}%'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help="module paths from scripts/mutation.toml (default: all)")
+    parser.add_argument("--report", action="store_true", help="only summarise the stored results, run nothing")
+    parser.add_argument("--survivors", action="store_true", help="print each not-killed mutant's diff")
+    parser.add_argument("--fresh", action="store_true", help="drop the modules' stored results first")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (default 1)")
+    args = parser.parse_args()
+    plan = load_plan()
+    unknown = [m for m in args.modules if m not in plan.tests]
+    if unknown:
+        raise ValueError(f"not in {PLAN.relative_to(ROOT)}: {', '.join(unknown)} (known: {', '.join(plan.tests)})")
+    modules = args.modules or list(plan.tests)
+    equivalent = read_equivalent()
+    rows, stale = [], []
+    for module in modules:
+        if args.fresh:
+            shutil.rmtree(work_dir(module), ignore_errors=True)
+        if args.report and not (work_dir(module) / "mutants").is_dir():
+            print(f"{module}: not run yet")
+            continue
+        if not args.report:
+            run_module(module, plan, args.jobs)
+        row, module_stale = summarise(module, prepare(module, plan), equivalent)
+        rows.append(row)
+        stale += module_stale
+        if args.survivors:
+            for name in row.not_killed:
+                print(f"-- {row.status[name]}\n" + mutmut(work_dir(module), "show", name, capture=True), flush=True)
+    print(table(rows))
+    for line in stale:
+        print(f"stale equivalence entry: {line}")
+
+
+if __name__ == "__main__":
+    run(main)
