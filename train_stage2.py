@@ -10,6 +10,8 @@ Writes checkpoints under train.output_dir and, at the end, `model.safetensors`: 
 when train.ema_decay is set), text encoder and autoencoder with their configs, ready for generate.py.
 With a `lora:` section (training.lora.LoRAConfig) the --init-from model stays frozen and only LoRA
 adapters train; checkpoints hold the adapters only, and the run writes `lora.safetensors` instead.
+With a `dreambooth:` section (training.dreambooth.DreamBoothConfig) the --init-from model learns a
+subject from a folder of pictures, with prior preservation on class images it draws first.
 """
 from __future__ import annotations
 
@@ -28,11 +30,14 @@ from common.weights import file_sha256, load_weights
 from conditioning import drop_captions
 from conditioning.context_cache import ContextCache
 from data import DataConfig, build_dataset
+from data.dreambooth import split_pairs
 from ldm.generation import generate_latents
 from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.original_format import check_model_file, load_model
 from training import TrainConfig, TrainingTask, ema_weights, eval_mode, train
+from training.dreambooth import (CLASS_KEY_OFFSET, DreamBoothConfig, check_dreambooth, combine_losses,
+                                 dreambooth_dataset)
 from training.lora import LoRAAdapters, LoRAConfig
 from training.cli import check_adam, export_errors, is_main_process, main_process_first, start_run, train_parser
 
@@ -80,6 +85,7 @@ class Stage2Config:
     latent_cache: bool = False
     latent_cache_dir: str | None = None  # None: <train.output_dir>/latent_cache; one folder shares it
     lora: LoRAConfig | None = None  # set: train LoRA adapters on the frozen --init-from model
+    dreambooth: DreamBoothConfig | None = None  # set: teach --init-from a subject from a few pictures
 
     def __post_init__(self):
         check_range("caption_dropout", self.caption_dropout, low=0, high=1)
@@ -128,17 +134,35 @@ class LatentDiffusionTask(TrainingTask):
             return (mean + std * randn_like(mean, generators)) * self.model.scale_factor
         return self.model.encode_images(batch["image"], generator=generators)
 
-    def generators(self, batch: dict) -> Generators:
+    def generators(self, batch: dict, key_offset: int = 0) -> Generators:
         """Each sample's own random stream, so that neither batch size nor process count changes a draw."""
-        return sample_generators(self.cfg.train.seed, batch["sample_key"]) if "sample_key" in batch else None
+        if "sample_key" not in batch:
+            return None
+        return sample_generators(self.cfg.train.seed, batch["sample_key"] + key_offset)
+
+    def parts(self, batch: dict) -> list[tuple[dict, Generators]]:
+        """The batch and its generators; under DreamBooth's prior preservation its instance and class halves
+        (the class half's streams keyed apart from the instance half's)."""
+        dreambooth = self.cfg.dreambooth
+        if dreambooth is None or not dreambooth.prior:
+            return [(batch, self.generators(batch))]
+        instances, classes = split_pairs(batch)
+        return [(instances, self.generators(batch)), (classes, self.generators(batch, CLASS_KEY_OFFSET))]
 
     def training_step(self, batch, step):
-        generators = self.generators(batch)  # drawn from in this order: posterior, dropout, t, noise
-        z = self.latents(batch, generators)
-        context = self.text_contexts(drop_captions(batch["caption"], self.cfg.caption_dropout, generators))
+        latents, captions, generators = [], [], []
+        for part, part_generators in self.parts(batch):  # each drawn from in this order: posterior, dropout, t, noise
+            latents.append(self.latents(part, part_generators))
+            captions += drop_captions(part["caption"], self.cfg.caption_dropout, part_generators)
+            generators = None if part_generators is None else [*(generators or []), *part_generators]
+        z = torch.cat(latents) if len(latents) > 1 else latents[0]
+        context = self.text_contexts(captions)
         terms = self.model.diffusion.training_losses(self.model, z, {"context": context}, generator=generators)
-        loss = terms["loss"].mean()
-        logs = {"loss": loss.item(), "mse": terms["mse"].mean().item()}
+        if self.cfg.dreambooth is not None:  # instance loss + prior_loss_weight * class loss, both logged
+            loss, extra = combine_losses(terms["loss"], len(latents[0]), self.cfg.dreambooth.prior_loss_weight)
+        else:
+            loss, extra = terms["loss"].mean(), {}
+        logs = {"loss": loss.item(), "mse": terms["mse"].mean().item(), **extra}
         if "vlb" in terms:
             logs["vlb"] = terms["vlb"].mean().item()
         yield "unet", loss, logs
@@ -180,6 +204,11 @@ def main() -> None:
     if cfg.lora is not None and not args.init_from:
         raise ConfigError("lora: adapters train on an existing model: pass --init-from MODEL (a model.safetensors "
                           "or an original checkpoint) instead of --first-stage")
+    if cfg.dreambooth is not None and not args.init_from:
+        raise ConfigError("dreambooth: a subject is taught to an existing model: pass --init-from MODEL instead of "
+                          "--first-stage")
+    if cfg.dreambooth is not None:  # its pictures checked before the model loads
+        check_dreambooth(cfg.dreambooth, cfg.data, cfg.train.batch_size)
     out = Path(cfg.train.output_dir)
 
     if args.init_from:
@@ -196,12 +225,19 @@ def main() -> None:
         model = LatentDiffusion(cfg.model, autoencoder, ae_cfg, scale)
     log.info("U-Net %.2f M parameters; latent scale factor %.5f", _millions(model.unet), model.scale_factor)
 
-    dataset = build_dataset(cfg.data)
-    if cfg.latent_cache:
-        key = fingerprint(args.first_stage or args.init_from, cfg.data, dataset)
-        cache_dir = cfg.latent_cache_dir or Path(cfg.train.output_dir) / "latent_cache"
-        with main_process_first():  # built once; the other processes then read it
-            dataset = latent_cache(dataset, model.autoencoder, key, cache_dir, num_workers=cfg.train.num_workers)
+    cache_dir = cfg.latent_cache_dir or Path(cfg.train.output_dir) / "latent_cache"
+
+    def cached(data):
+        key = fingerprint(args.first_stage or args.init_from, cfg.data, data)
+        return latent_cache(data, model.autoencoder, key, cache_dir, num_workers=cfg.train.num_workers)
+
+    with main_process_first():  # caches are built once; the other processes then read them
+        if cfg.dreambooth is not None:  # class images drawn by the base model, before any adapter is injected
+            dataset = dreambooth_dataset(cfg.dreambooth, cfg.data, model, args.init_from, out, cfg.train.batch_size,
+                                         cache=cached if cfg.latent_cache else None)
+        else:
+            dataset = build_dataset(cfg.data)
+            dataset = cached(dataset) if cfg.latent_cache else dataset
     adapters = LoRAAdapters.inject(model, cfg.lora) if cfg.lora is not None else None
     if adapters is not None:
         log.info("LoRA rank %d on %s layers; %.3f M adapter parameters", cfg.lora.rank,
