@@ -50,6 +50,7 @@ from ldm.generation import SAMPLERS, read_prompt_lines
 from ldm.pipeline import Pipeline
 from ldm.pipeline_lora import find_recorded_loras, parse_lora_arg
 from ldm.png_metadata import A1111_SIZE, PngRecord, image_text, read_png_record, save_image
+from ldm.precision import AUTO_DTYPE, DTYPE_NAMES
 from ldm.request import (CANNY_DEFAULTS, CANNY_RANGE, CONTROL_KINDS, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS,
                          ModelFiles, Request)
 from ldm.samplers import get_sampler
@@ -64,7 +65,7 @@ FLAGS = {"sampler": "--sampler", "steps": "--steps", "guidance": "--cfg", "guida
          "device": "--device", "controlnet": "--controlnet", "controlnets": "--controlnet", "control_image": "--control-image",
          "control": "--control", "control_scale": "--control-scale", "guess_mode": "--guess-mode",
          "canny_low": "--canny-low", "canny_high": "--canny-high", "loras": "--lora",
-         "lora_allow_partial": "--lora-allow-partial"}
+         "lora_allow_partial": "--lora-allow-partial", "dtype": "--dtype"}
 
 
 def build_parser() -> ArgumentParser:
@@ -137,6 +138,10 @@ def build_parser() -> ArgumentParser:
                         help="write the fixed names NNN-seedS.png (NNN: the prompt's line) and grid.png, replacing "
                              "an earlier run's files (default: new numbered names; nothing is replaced)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
+                        help="what the U-Net and ControlNets run in, cast once at load (the sampler's state, text "
+                             "encoder and autoencoder stay fp32); auto: the device's default, "
+                             f"{', '.join(f'{k} {v}' for k, v in AUTO_DTYPE.items())} (ldm/precision.py)")
     parser.set_defaults(from_record=None, record_loras=[])  # what --from-png read (`parse_args`)
     return parser
 
@@ -211,7 +216,7 @@ def generate(args: argparse.Namespace) -> None:
     loras = [parse_lora_arg(text) for text in args.lora] or args.record_loras
     files = ModelFiles.read(args.checkpoint, args.config, ema=args.ema, controlnets=args.controlnet,
                             device=args.device, loras=loras, lora_allow_partial=args.lora_allow_partial,
-                            lora_merge=args.lora_merge, names=FLAGS)
+                            lora_merge=args.lora_merge, dtype=args.dtype, names=FLAGS)
     check_output_folder(args.out, "--out")
     plan = files.plan(request_of(args, prompts), names=FLAGS)
 
@@ -306,7 +311,7 @@ RECORD_FLAGS = {"prompt": "prompt", "negative": "negative", "sampler": "sampler"
                 "guidance": "cfg", "guidance_rescale": "guidance_rescale", "eta": "eta", "seed": "seed",
                 "repaint_jump": "repaint_jump", "repaint_resamples": "repaint_resamples",
                 "guess_mode": "guess_mode", "canny_low": "canny_low", "canny_high": "canny_high",
-                "lora_merge": "lora_merge"}
+                "lora_merge": "lora_merge", "dtype": "dtype"}
 
 
 def flag_defaults(record: PngRecord) -> dict:

@@ -35,6 +35,7 @@ from .generation import generate_latents
 from .original_format import load_model
 from .pipeline_lora import load_loras, lora_record
 from .png_metadata import png_text
+from .precision import cast_for_inference, dtype_note, torch_dtype
 from .request import (API_NAMES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, ModelFiles, Plan, Request,
                       image_name, name_of)
 
@@ -62,13 +63,15 @@ class Pipeline:
 
     files: what was loaded. model: the `LatentDiffusion` (eval mode). checkpoint_sha: the model file's
     sha256 (the PNG records its first 12 hex digits). controlnets: (path, loaded file) per ControlNet.
-    loras: the LoRAs applied to `model` (`ldm.pipeline_lora.LoadedLoRA`), in the order given."""
+    loras: the LoRAs applied to `model` (`ldm.pipeline_lora.LoadedLoRA`), in the order given. dtype: what
+    the U-Net and ControlNets run in (`files.dtype`; the rest stays float32, `ldm.precision`)."""
 
     def __init__(self, files: ModelFiles, names: Mapping[str, str] = API_NAMES):
         """Load the weights of checked `files` (see `ModelFiles.read`; `from_file` does both). A ControlNet
         trained with an unlocked U-Net also sets the U-Net's output blocks (at most one may). LoRAs come
         last, so that one merged into those output blocks is not overwritten; one that does not fit the
-        model is a one-line error here, before any step."""
+        model is a one-line error here, before any step. Then the U-Net and ControlNets are cast to
+        `files.dtype`, once (a merged LoRA is added in float32 before, and so rounded once)."""
         self.files = files
         self.model = load_model(files.checkpoint, files.config, use_ema=files.ema, device=files.device)
         self.checkpoint_sha = file_sha256(files.checkpoint)
@@ -94,11 +97,17 @@ class Pipeline:
             self.controlnets.append((path, loaded))
         self.loras = load_loras(self.model, files.loras, merge=files.lora_merge,
                                 allow_partial=files.lora_allow_partial, n=lambda key: name_of(names, key))
+        self.dtype = torch_dtype(files.dtype)
+        cast_for_inference([self.model.unet, *(loaded.net for _, loaded in self.controlnets)], self.dtype)
+        note = dtype_note(files.dtype, files.device)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
 
     @classmethod
     def from_file(cls, checkpoint: str | os.PathLike, config: str | os.PathLike | None = None, *,
                   controlnets: Sequence[str | os.PathLike] = (), ema: bool = False, device: str = "cpu",
-                  loras: Sequence = (), lora_allow_partial: bool = False, lora_merge: bool = False) -> Pipeline:
+                  loras: Sequence = (), lora_allow_partial: bool = False, lora_merge: bool = False,
+                  dtype: str | torch.dtype = "auto") -> Pipeline:
         """Check and load a model file: train_stage2.py's model.safetensors, or an original SD / LDM
         .ckpt / .safetensors with its inference YAML `config` (default: the .yaml beside it; `ema` takes
         its model_ema.* U-Net weights), with ControlNet files (ours or original) in `controlnets`.
@@ -107,9 +116,13 @@ class Pipeline:
         (scale 1) or a (path, scale) pair, stacked in order; applied as forward hooks, or with `lora_merge`
         merged into the weights (no cost per step). Keys matching no layer are an error, or with
         `lora_allow_partial` a warning with their count. A missing file or one holding no LoRA is a
-        one-line error before any weights load; a LoRA that does not fit the model, before any step."""
+        one-line error before any weights load; a LoRA that does not fit the model, before any step.
+
+        dtype: what the U-Net and ControlNets run in, "fp32", "bf16" or "fp16" (or the torch dtype), cast
+        once at load; "auto" is the device's default (`ldm.precision.AUTO_DTYPE`). The sampler's state,
+        the text encoder and the autoencoder stay float32 (`ldm.precision`)."""
         return cls(ModelFiles.read(checkpoint, config, ema=ema, controlnets=controlnets, device=device, loras=loras,
-                                   lora_allow_partial=lora_allow_partial, lora_merge=lora_merge))
+                                   lora_allow_partial=lora_allow_partial, lora_merge=lora_merge, dtype=dtype))
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str = "", *, sampler: str = DEFAULT_SAMPLER,
                  steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
@@ -163,7 +176,7 @@ class Pipeline:
         the model and the inputs (generate.py's grid records these too)."""
         request, options = plan.request, plan.options
         settings = {**options.metadata(), "checkpoint": Path(self.files.checkpoint).name,
-                    "checkpoint_sha256": self.checkpoint_sha[:12]}
+                    "checkpoint_sha256": self.checkpoint_sha[:12], "dtype": self.files.dtype}
         run = options.steps_run(NoiseLevels(self.model.diffusion.schedule))
         if run != options.steps:  # LDM's "uniform" spacing may run more steps than asked
             settings["steps_run"] = run

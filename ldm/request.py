@@ -26,6 +26,7 @@ from .generation import SizeLimits
 from .latent_diffusion import LatentDiffusionConfig
 from .original_format import model_file_kind, read_model_configs
 from .pipeline_lora import LoRASpec, check_lora_files, lora_specs
+from .precision import resolve_dtype
 from .samplers import repaint_path
 from .sampling_options import MAX_SEED, OptionError, SamplingOptions
 from .schedule import NoiseSchedule
@@ -267,7 +268,8 @@ class ModelFiles:
     """A model file, its ControlNets and LoRAs, checked for what they hold and with their configs read, but
     no weights loaded (`read`); `plan` checks a request against them. lora_merge: bake the LoRAs into the
     weights at load (default: forward hooks); lora_allow_partial: LoRA keys matching no layer are a
-    warning, not an error (`ldm.pipeline_lora`)."""
+    warning, not an error (`ldm.pipeline_lora`). dtype: what the U-Net and ControlNets run in, "fp32", "bf16"
+    or "fp16" (`ldm.precision`; `read` resolves "auto" for the device)."""
 
     checkpoint: str
     config: str | None
@@ -279,23 +281,26 @@ class ModelFiles:
     loras: tuple[LoRASpec, ...] = ()
     lora_allow_partial: bool = False
     lora_merge: bool = False
+    dtype: str = "fp32"
 
     @classmethod
     def read(cls, checkpoint: str | os.PathLike, config: str | os.PathLike | None = None, *, ema: bool = False,
              controlnets: Sequence[str | os.PathLike] = (), device: str = "cpu", loras: Sequence = (),
-             lora_allow_partial: bool = False, lora_merge: bool = False,
+             lora_allow_partial: bool = False, lora_merge: bool = False, dtype: str = "auto",
              names: Mapping[str, str] = API_NAMES) -> ModelFiles:
         """Check the files (present; `checkpoint` a whole model, each of `controlnets` a ControlNet, each of
         `loras` a LoRA file, told by metadata or key names) and `device`, and read the model's configs.
         config: the original YAML of an original checkpoint (default: the .yaml beside it); ema: its
         model_ema.* U-Net weights; loras: paths, (path, scale) pairs or `LoRASpec`s. Whether a LoRA fits
-        the model is known once its weights load (`Pipeline`), before any step."""
+        the model is known once its weights load (`Pipeline`), before any step. dtype: "auto" (the
+        device's default, `ldm.precision.AUTO_DTYPE`), "fp32", "bf16" or "fp16"."""
         n = lambda key: name_of(names, key)  # noqa: E731
         checkpoint, controlnets = str(checkpoint), tuple(str(p) for p in controlnets)
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{n('device')} cuda: no CUDA device available")
+        dtype = resolve_dtype(dtype, device, n("dtype"))
         for path in controlnets:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"ControlNet file not found: {path}")
@@ -316,7 +321,7 @@ class ModelFiles:
         check_lora_files(specs, n)
         cfg, autoencoder_cfg = read_model_configs(checkpoint, config, use_ema=ema)
         return cls(checkpoint, None if config is None else str(config), ema, controlnets, device, cfg,
-                   autoencoder_cfg, specs, lora_allow_partial, lora_merge)
+                   autoencoder_cfg, specs, lora_allow_partial, lora_merge, dtype)
 
     @property
     def schedule(self) -> NoiseSchedule:

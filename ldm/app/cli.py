@@ -14,6 +14,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from common.cli import run
+from ..precision import AUTO_DTYPE, DTYPE_NAMES
 from ..request import ModelFiles
 
 try:
@@ -46,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
                    "*/model.safetensors and */controlnet*.safetensors in it, and the LoRA choices: every "
                    "*/*.safetensors holding LoRA weights (default: the shipped models/)")
     p.add_argument("--outdir", default="outputs/ui", help="where generated PNGs are written (default outputs/ui)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES, help="what the U-Net and ControlNets run in "
+                   "(generate.py's --dtype); auto: the device's default, "
+                   f"{', '.join(f'{k} {v}' for k, v in AUTO_DTYPE.items())}")
     return p
 
 
@@ -57,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if not Path(args.models_dir).is_dir():
         raise FileNotFoundError(f"--models-dir not found: {args.models_dir}")
-    ModelFiles.read(args.model, args.config, names={"checkpoint": "--model", "controlnets": "the ControlNet choice"})
+    ModelFiles.read(args.model, args.config, dtype=args.dtype,
+                    names={"checkpoint": "--model", "controlnets": "the ControlNet choice", "dtype": "--dtype"})
     return args
 
 

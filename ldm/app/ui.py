@@ -46,6 +46,7 @@ class Studio:
         self.models_dir = Path(args.models_dir)
         self.outdir = Path(args.outdir)
         self.default_model, self.default_config = str(args.model), args.config
+        self.dtype = args.dtype  # every pipeline's (`ldm.precision`)
         self.models = shipped_models(self.models_dir)
         self.controlnets = shipped_controlnets(self.models_dir)
         self.loras = shipped_loras(self.models_dir)
@@ -98,7 +99,8 @@ class Studio:
         files = tuple((file, scale, _modified(file)) for file, scale in loras)
         key = (checkpoint, config.strip() or None, tuple(nets), files)
         if key not in self.pipelines:
-            self.pipelines[key] = Pipeline.from_file(checkpoint, key[1], controlnets=nets, loras=list(loras))
+            self.pipelines[key] = Pipeline.from_file(checkpoint, key[1], controlnets=nets, loras=list(loras),
+                                                     dtype=self.dtype)
             while len(self.pipelines) > LOADED_PIPELINES:
                 self.pipelines.popitem(last=False)
         self.pipelines.move_to_end(key)
