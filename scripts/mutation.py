@@ -17,6 +17,7 @@ is gone, or whose line no longer matches is reported as stale.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import re
@@ -99,9 +100,8 @@ def prepare(module: str, plan: Plan) -> Path:
     work = work_dir(module)
     work.mkdir(parents=True, exist_ok=True)
     for name in source_roots() + plan.copy:
-        link = work / name
-        if not link.is_symlink():
-            link.symlink_to(ROOT / name)
+        parts = Path(module).parts
+        _link(work / name, ROOT / name, parts if name == parts[0] else ())
     mutmut = {
         "source_paths": source_roots(),
         "only_mutate": [module],
@@ -118,6 +118,56 @@ def prepare(module: str, plan: Plan) -> Path:
         (work / "pyproject.toml").write_text(text)
     _refresh_copies(work, module)
     return work
+
+
+def _link(target: Path, source: Path, path: tuple[str, ...]) -> None:
+    """A link to `source`, except along `path` (the mutated module's path from here): there a folder of
+    links, and the module itself as `undecorated` source."""
+    if not path:
+        if not target.is_symlink():
+            target.symlink_to(source)
+        return
+    if len(path) == 1:
+        text = undecorated(source.read_text())
+        if target.is_symlink() or not target.is_file() or target.read_text() != text:
+            target.unlink(missing_ok=True)
+            target.write_text(text)
+        return
+    if target.is_symlink():
+        target.unlink()
+    target.mkdir(exist_ok=True)
+    for stale in target.iterdir():
+        if stale.is_symlink() and not stale.exists():
+            stale.unlink()  # its source was deleted
+    for entry in source.iterdir():
+        if entry.name != "__pycache__":
+            _link(target / entry.name, entry, path[1:] if entry.name == path[1] else ())
+
+
+def undecorated(source: str) -> str:
+    """`source` with each decorated function's decorators moved below it as `name = deco(name)`: the same
+    program, but mutmut 3 leaves decorated functions unmutated (all samplers are @torch.no_grad()), and
+    this way it mutates their bodies too. staticmethod / classmethod alone it handles itself; a property's
+    setter or deleter needs the decorator form, so those functions stay as they are."""
+    lines = source.splitlines(keepends=True)
+    inserts: list[tuple[int, int, str]] = []  # (after line, -indent, text)
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not node.decorator_list:
+            continue
+        names = [ast.get_source_segment(source, d) for d in node.decorator_list]
+        if names in (["staticmethod"], ["classmethod"]) or any(n.endswith((".setter", ".deleter")) for n in names):
+            continue
+        for decorator in node.decorator_list:
+            for i in range(decorator.lineno - 1, decorator.end_lineno):
+                lines[i] = "\n"  # blank, so the function keeps its line numbers
+        indent = lines[node.lineno - 1][: len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())]
+        wrapped = node.name
+        for name in reversed(names):
+            wrapped = f"{name}({wrapped})"
+        inserts.append((node.end_lineno, -len(indent), f"{indent}{node.name} = {wrapped}\n"))
+    for after, _, text in sorted(inserts, reverse=True):  # bottom up; an inner function's line first
+        lines.insert(after, text)
+    return "".join(lines)
 
 
 def _toml(value) -> str:
