@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from sampling_helpers import alpha_at
 
 from ldm.denoiser import Denoiser, NoiseLevels, final_alphas, make_sigmas, make_timesteps
 from ldm.diffusion import Diffusion
@@ -95,3 +96,43 @@ def test_final_alphas_end_at_the_first_level_not_one(schedule):
     got = final_alphas(NoiseLevels(schedule), [999, 500, 1])
     assert got == pytest.approx([float(table[999]), float(table[500]), float(table[1]), float(table[0])], rel=1e-12)
     assert got[-1] < 1.0
+
+
+def test_denoise_is_the_gaussian_posterior_mean_in_the_variance_exploding_state(schedule):
+    """Data N(0, c): the exact eps network gives D(x, sigma) = c / (c + sigma^2) x for x = x0 + sigma eps."""
+    c = 0.6
+
+    def eps_network(x_t, t):
+        a = alpha_at(schedule, t).view(-1, 1, 1, 1)
+        x0 = a.sqrt() * c / (a * c + 1 - a) * x_t.double()
+        return ((x_t.double() - a.sqrt() * x0) / (1 - a).sqrt()).float()
+
+    denoiser = Denoiser(eps_network, Diffusion(schedule))
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    for t in (50, 300, 800):
+        sigma = float(schedule.sigmas[t])
+        torch.testing.assert_close(denoiser.denoise(x, sigma), c / (c + sigma**2) * x, rtol=1e-4, atol=1e-5)
+
+
+def test_output_gives_the_network_timesteps_on_the_state_device(schedule):
+    seen = []
+    denoiser = Denoiser(lambda x, t: seen.append(t) or x, Diffusion(schedule))
+    denoiser.output(torch.zeros(2, 1, device="meta"), 5)  # meta stands in for an accelerator
+    assert seen[0].device.type == "meta"
+
+
+def test_levels_clamp_timesteps_to_the_table_and_work_in_float64(schedule):
+    levels = NoiseLevels(schedule)
+    table = schedule.alphas_cumprod.double()
+    sigmas = ((1 - table) / table).sqrt()
+    assert levels.sigma_min == pytest.approx(float(sigmas[0]), rel=1e-6)
+    assert float(levels.alpha_bar(0)) == pytest.approx(float(table[0]), rel=1e-7)
+    assert float(levels.alpha_bar(-1)) == float(levels.alpha_bar(0))
+    assert float(levels.alpha_bar(T)) == float(levels.alpha_bar(T - 1))
+    assert float(levels.t_to_sigma(-2.5)) == pytest.approx(levels.sigma_min, rel=1e-12)
+    assert float(levels.t_to_sigma(T + 3.5)) == pytest.approx(levels.sigma_max, rel=1e-12)
+    # Python-float levels are not rounded to float32 on the way in
+    expected = float(alpha_at(schedule, torch.tensor(998.7, dtype=torch.float64)))
+    assert float(levels.alpha_bar(998.7)) == pytest.approx(expected, rel=1e-12)
+    sigma = float(levels.t_to_sigma(500.3))
+    assert float(levels.sigma_to_t(sigma)) == pytest.approx(500.3, abs=1e-9)
