@@ -65,7 +65,7 @@ FLAGS = {"sampler": "--sampler", "steps": "--steps", "guidance": "--cfg", "guida
          "device": "--device", "controlnet": "--controlnet", "controlnets": "--controlnet", "control_image": "--control-image",
          "control": "--control", "control_scale": "--control-scale", "guess_mode": "--guess-mode",
          "canny_low": "--canny-low", "canny_high": "--canny-high", "loras": "--lora",
-         "lora_allow_partial": "--lora-allow-partial", "dtype": "--dtype"}
+         "lora_allow_partial": "--lora-allow-partial", "dtype": "--dtype", "vae_tiling": "--vae-tiling"}
 
 
 def build_parser() -> ArgumentParser:
@@ -142,6 +142,9 @@ def build_parser() -> ArgumentParser:
                         help="what the U-Net and ControlNets run in, cast once at load (the sampler's state, text "
                              "encoder and autoencoder stay fp32); auto: the device's default, "
                              f"{', '.join(f'{k} {v}' for k, v in AUTO_DTYPE.items())} (ldm/precision.py)")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="decode images larger than 512 pixels in overlapping 512-pixel tiles, so that large "
+                             "images fit in memory (the pixels differ near the tiles' edges)")
     parser.set_defaults(from_record=None, record_loras=[])  # what --from-png read (`parse_args`)
     return parser
 
@@ -216,7 +219,8 @@ def generate(args: argparse.Namespace) -> None:
     loras = [parse_lora_arg(text) for text in args.lora] or args.record_loras
     files = ModelFiles.read(args.checkpoint, args.config, ema=args.ema, controlnets=args.controlnet,
                             device=args.device, loras=loras, lora_allow_partial=args.lora_allow_partial,
-                            lora_merge=args.lora_merge, dtype=args.dtype, names=FLAGS)
+                            lora_merge=args.lora_merge, dtype=args.dtype,
+                            vae_tiling=args.vae_tiling, names=FLAGS)
     check_output_folder(args.out, "--out")
     plan = files.plan(request_of(args, prompts), names=FLAGS)
 
@@ -311,7 +315,7 @@ RECORD_FLAGS = {"prompt": "prompt", "negative": "negative", "sampler": "sampler"
                 "guidance": "cfg", "guidance_rescale": "guidance_rescale", "eta": "eta", "seed": "seed",
                 "repaint_jump": "repaint_jump", "repaint_resamples": "repaint_resamples",
                 "guess_mode": "guess_mode", "canny_low": "canny_low", "canny_high": "canny_high",
-                "lora_merge": "lora_merge", "dtype": "dtype"}
+                "lora_merge": "lora_merge", "dtype": "dtype", "vae_tiling": "vae_tiling"}
 
 
 def flag_defaults(record: PngRecord) -> dict:

@@ -14,6 +14,7 @@ from torch import nn
 
 from autoencoder import AutoencoderConfig, build_autoencoder
 from autoencoder.model_file import check_file_format
+from autoencoder.tiling import decode_tiled
 from common.config import from_dict
 from common.weights import load_state_dict_strict, load_weights, read_metadata, save_weights
 from conditioning import TextEncoderConfig, build_text_encoder
@@ -95,9 +96,15 @@ class LatentDiffusion(nn.Module):
         return self.autoencoder.encode_latents(images, sample=sample, generator=generator) * self.scale_factor
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [B, C, h, w] -> images [B, 3, h*f, w*f] in about [-1, 1]."""
-        return self.autoencoder.decode_latents(latents / self.scale_factor)
+    def decode_latents(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Scaled latents [B, C, h, w] -> images [B, 3, h*f, w*f] in about [-1, 1]. tile: decode in
+        overlapping tiles of `tile` x `tile` pixels, a quarter shared with each neighbour
+        (`autoencoder.tiling`), so that the decoder's memory follows the tile, not the image; None: whole."""
+        z = latents / self.scale_factor
+        if tile is None:
+            return self.autoencoder.decode_latents(z)
+        side = max(1, tile // self.latent_factor)
+        return decode_tiled(self.autoencoder.decode_latents, z, side, side // 4, self.latent_factor)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **unet_kwargs) -> torch.Tensor:
         """The U-Net's prediction at noisy latents x_t [B, C, h, w], timesteps t [B], context [B, L, D]."""

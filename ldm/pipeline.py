@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from autoencoder.tiling import VAE_TILE
 from common.cli import RunFailed
 from common.weights import file_sha256, load_state_dict_strict
 from .controlnet import ENCODER_PARTS, Control, ControlNetFile, load_controlnet
@@ -107,7 +108,7 @@ class Pipeline:
     def from_file(cls, checkpoint: str | os.PathLike, config: str | os.PathLike | None = None, *,
                   controlnets: Sequence[str | os.PathLike] = (), ema: bool = False, device: str = "cpu",
                   loras: Sequence = (), lora_allow_partial: bool = False, lora_merge: bool = False,
-                  dtype: str | torch.dtype = "auto") -> Pipeline:
+                  dtype: str | torch.dtype = "auto", vae_tiling: bool = False) -> Pipeline:
         """Check and load a model file: train_stage2.py's model.safetensors, or an original SD / LDM
         .ckpt / .safetensors with its inference YAML `config` (default: the .yaml beside it; `ema` takes
         its model_ema.* U-Net weights), with ControlNet files (ours or original) in `controlnets`.
@@ -120,9 +121,12 @@ class Pipeline:
 
         dtype: what the U-Net and ControlNets run in, "fp32", "bf16" or "fp16" (or the torch dtype), cast
         once at load; "auto" is the device's default (`ldm.precision.AUTO_DTYPE`). The sampler's state,
-        the text encoder and the autoencoder stay float32 (`ldm.precision`)."""
+        the text encoder and the autoencoder stay float32 (`ldm.precision`). vae_tiling: decode images
+        larger than `autoencoder.tiling.VAE_TILE` (512) pixels in overlapping tiles of that size, so the
+        decoder's memory follows the tile; the pixels differ near the tiles' edges."""
         return cls(ModelFiles.read(checkpoint, config, ema=ema, controlnets=controlnets, device=device, loras=loras,
-                                   lora_allow_partial=lora_allow_partial, lora_merge=lora_merge, dtype=dtype))
+                                   lora_allow_partial=lora_allow_partial, lora_merge=lora_merge, dtype=dtype,
+                                   vae_tiling=vae_tiling))
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str = "", *, sampler: str = DEFAULT_SAMPLER,
                  steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
@@ -193,6 +197,8 @@ class Pipeline:
             if "canny" in plan.kinds:
                 settings.update(zip(("canny_low", "canny_high"), request.canny_thresholds))
         settings.update(lora_record(self.loras, self.files.lora_merge))
+        if self.files.vae_tiling:  # only when on, so that other records stay as they were
+            settings["vae_tiling"] = True
         return settings
 
     def draw(self, plan: Plan, callback: StepCallback | None = None,
@@ -227,7 +233,7 @@ class Pipeline:
                 latents = generate_latents(self.model, [prompt] * count, options, seed=options.seed + first,
                                            init_image=plan.init_image, mask=plan.mask, control=controls,
                                            callback=step_callback)
-                images = self.model.decode_latents(latents)
+                images = self.model.decode_latents(latents, VAE_TILE if self.files.vae_tiling else None)
             except RuntimeError as e:
                 if not out_of_memory(e):
                     raise

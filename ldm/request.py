@@ -269,7 +269,8 @@ class ModelFiles:
     no weights loaded (`read`); `plan` checks a request against them. lora_merge: bake the LoRAs into the
     weights at load (default: forward hooks); lora_allow_partial: LoRA keys matching no layer are a
     warning, not an error (`ldm.pipeline_lora`). dtype: what the U-Net and ControlNets run in, "fp32", "bf16"
-    or "fp16" (`ldm.precision`; `read` resolves "auto" for the device)."""
+    or "fp16" (`ldm.precision`; `read` resolves "auto" for the device). vae_tiling: decode images larger than
+    `autoencoder.tiling.VAE_TILE` pixels in overlapping tiles of that size."""
 
     checkpoint: str
     config: str | None
@@ -282,12 +283,13 @@ class ModelFiles:
     lora_allow_partial: bool = False
     lora_merge: bool = False
     dtype: str = "fp32"
+    vae_tiling: bool = False
 
     @classmethod
     def read(cls, checkpoint: str | os.PathLike, config: str | os.PathLike | None = None, *, ema: bool = False,
              controlnets: Sequence[str | os.PathLike] = (), device: str = "cpu", loras: Sequence = (),
              lora_allow_partial: bool = False, lora_merge: bool = False, dtype: str = "auto",
-             names: Mapping[str, str] = API_NAMES) -> ModelFiles:
+             vae_tiling: bool = False, names: Mapping[str, str] = API_NAMES) -> ModelFiles:
         """Check the files (present; `checkpoint` a whole model, each of `controlnets` a ControlNet, each of
         `loras` a LoRA file, told by metadata or key names) and `device`, and read the model's configs.
         config: the original YAML of an original checkpoint (default: the .yaml beside it); ema: its
@@ -321,7 +323,7 @@ class ModelFiles:
         check_lora_files(specs, n)
         cfg, autoencoder_cfg = read_model_configs(checkpoint, config, use_ema=ema)
         return cls(checkpoint, None if config is None else str(config), ema, controlnets, device, cfg,
-                   autoencoder_cfg, specs, lora_allow_partial, lora_merge, dtype)
+                   autoencoder_cfg, specs, lora_allow_partial, lora_merge, dtype, bool(vae_tiling))
 
     @property
     def schedule(self) -> NoiseSchedule:
