@@ -12,14 +12,15 @@ What stays float32, and why:
   - the sampler's state: noise is drawn in float32 from the seeded per-image generators (the same
     starting noise in every dtype), and the x_t updates, sigmas and guidance combine in float32. The
     U-Net casts x_t to its dtype on the way in and its prediction back to x_t's on the way out
-    (`ldm.unet.UNetModel.forward`), so only the network calls are low precision: a step's update
-    x + (sigma_next - sigma) * d adds a small change to a large state, which bfloat16's 8-bit mantissa
-    would round away (at 25 steps some updates are below its relative precision, 2^-8).
+    (`ldm.unet.UNetModel.forward`), so only the network calls are low precision. A bfloat16 state would
+    be rounded again at every step (relative error up to 2^-9 each time, piling up over the steps), and
+    guidance u + s (c - u) amplifies the small difference of two close predictions by s; in float32 this
+    arithmetic costs nothing next to a U-Net call.
   - the text encoder and the autoencoder: each runs once per image (the text encoder once per batch),
     against the U-Net's two calls per step, so their precision buys little time. The default model's
-    decoder in bfloat16 would keep its quality too (32 images: PSNR 55.9 dB against float32's decode,
-    at most 4/255 apart; bench/RESULTS.md), but float32 adds no error at all and cannot overflow, as
-    fp16 autoencoders are known to (SDXL's VAE decodes NaN images in fp16).
+    decoder in bfloat16 would keep its quality too (32 images: PSNR 55.7 dB against float32's decode,
+    54.0 at worst, at most 4/255 apart; bench/dtype_quality.py), but float32 adds no error at all and
+    cannot overflow, as fp16 autoencoders are known to (SDXL's VAE decodes NaN images in fp16).
 
 The default ("auto") is per device kind, `AUTO_DTYPE`: the fastest dtype whose images matched float32's
 quality where it was measured (bench/RESULTS.md); a device kind not measured keeps float32.
@@ -37,8 +38,8 @@ __all__ = ["AUTO_DTYPE", "DTYPE_NAMES", "DTYPES", "cast_for_inference", "dtype_n
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = ("auto", *DTYPES)
 # The dtype "auto" resolves to per device kind. cpu: float32 until bfloat16's speed-up is measured on a
-# quiet machine (its quality is: bench/RESULTS.md, "Low-precision inference"). cuda: not measured here
-# (no GPU), so float32.
+# quiet machine; its quality is (bench/RESULTS.md, "Low-precision inference": FID within the seeds'
+# spread). cuda: not measured here (no GPU), so float32.
 AUTO_DTYPE = {"cpu": "fp32", "cuda": "fp32"}
 
 
@@ -69,11 +70,11 @@ def dtype_note(name: str, device: str) -> str | None:
     if torch.device(device).type != "cpu":
         return None
     if name == "fp16" and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        return ("fp16 on this CPU has no oneDNN kernels and runs the plain ops, many times slower than fp32 "
-                "(18x on the default model); bf16 is the CPU's low-precision dtype")
+        return ("fp16 on this CPU has no oneDNN kernels and runs the plain ops, many times slower than fp32; "
+                "bf16 is the CPU's low-precision dtype")
     if name == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return ("bf16 on this CPU has no oneDNN kernels (they need AVX-512 or AVX-NE-CONVERT) and runs the plain "
-                "ops, likely slower than fp32")
+                "ops, possibly slower than fp32")
     return None
 
 

@@ -23,6 +23,7 @@ from ldm import Pipeline
 from ldm.app import cli
 from ldm.app.ui import CUSTOM_MODEL, Studio
 from ldm.lora import write_lora
+from ldm.precision import AUTO_DTYPE
 from ldm.samplers import SAMPLERS
 from test_generate import SIZE
 from test_generate_lora import random_lora
@@ -210,8 +211,9 @@ def test_cli_dtype_is_recorded_and_read_back(files, tmp_path):  # noqa: F811
     fp32 = run_cli(tmp_path / "fp32", "--from-png", bf16, "--checkpoint", files["model"], "--dtype", "fp32")
     assert record(fp32)["dtype"] == "fp32" and fp32.read_bytes() != bf16.read_bytes()
     default = run_cli(tmp_path / "default", *flags)
-    assert record(default)["dtype"] == "fp32"  # "auto" on a CPU: float32 until bf16's speed-up is measured
-    assert np.array_equal(pixels([Image.open(default)]), pixels([Image.open(fp32)]))
+    auto = AUTO_DTYPE["cpu"]  # what "auto" means on a CPU: the documented default
+    assert record(default)["dtype"] == auto
+    assert np.array_equal(pixels([Image.open(default)]), pixels([Image.open({"fp32": fp32, "bf16": bf16}[auto])]))
 
 
 def test_bad_dtype_is_one_line(files, capsys):  # noqa: F811
