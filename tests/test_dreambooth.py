@@ -26,6 +26,7 @@ import train_stage2
 from common.cli import run
 from common.config import from_dict
 from common.weights import load_weights, read_metadata
+from data.dreambooth import PriorPairs
 from ldm.generation import generate_latents
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.parameterization import parameterization
@@ -40,7 +41,7 @@ CONFIG = {
     "dreambooth": {"instance_dir": None, "instance_prompt": INSTANCE, "class_prompt": CLASS, "num_class_images": 6,
                    "prior_loss_weight": 1.0, "class_dir": None, "class_sampler": "ddim", "class_steps": 2,
                    "class_batch_size": 4, "instance_repeats": 2},
-    "train": {"batch_size": 4, "max_steps": 24, "checkpoint_every": 12, "log_every": 4},
+    "train": {"batch_size": 4, "max_steps": 16, "checkpoint_every": 8, "log_every": 4},
     "optim": {"lr": 3.0e-3, "warmup_steps": 1, "weight_decay": 0.0},
     "caption_dropout": 0.0,
 }
@@ -96,7 +97,7 @@ class Drawings:
 
 @pytest.fixture(scope="module")
 def trained(base_file, pictures, tmp_path_factory):
-    """A 24-step full fine-tune with prior preservation; its folder, class folder and drawing count."""
+    """A 16-step full fine-tune with prior preservation; its folder, class folder and drawing count."""
     folder = tmp_path_factory.mktemp("dreambooth")
     with pytest.MonkeyPatch.context() as mp:
         drawings = Drawings(mp)
@@ -172,10 +173,10 @@ def test_resume_is_exact_and_reuses_the_class_images(trained, base_file, picture
     config = config_file(tmp_path, pictures, tmp_path / "classes")
     with pytest.MonkeyPatch.context() as mp:
         drawings = Drawings(mp)
-        stage2(config, base_file, tmp_path / "run", "train.max_steps=12")
+        stage2(config, base_file, tmp_path / "run", "train.max_steps=8")
         stage2(config, base_file, tmp_path / "run", resume=True)
     assert drawings.calls == 2  # drawn by the first half only
-    for name in ("checkpoints/step_00000024/unet.safetensors", "model.safetensors"):
+    for name in ("checkpoints/step_00000016/unet.safetensors", "model.safetensors"):
         assert (tmp_path / "run" / name).read_bytes() == (trained["out"] / name).read_bytes(), name
 
 
@@ -209,7 +210,7 @@ def test_the_loss_is_instance_mean_plus_lambda_class_mean(weight):
     seen = {}
 
     def zero_unet(x, t, context=None, **kwargs):
-        seen["context"] = context
+        seen["context"], seen["t"] = context, t
         return torch.zeros_like(x)
     model.unet.forward = zero_unet
     g = torch.Generator().manual_seed(3)
@@ -234,11 +235,37 @@ def test_the_loss_is_instance_mean_plus_lambda_class_mean(weight):
     with torch.no_grad():
         expected = model.encode_text([INSTANCE] * 3 + [CLASS] * 3)
     torch.testing.assert_close(seen["context"], expected)
+    # A class example's timestep (and noise) is its own draw, not a copy of its paired instance example's.
+    assert not torch.equal(seen["t"][:3], seen["t"][3:])
+
+
+class Keyed(torch.utils.data.Dataset):
+    """A part that names the key it was asked for."""
+
+    def __init__(self, name: str, size: int):
+        self.name, self.size = name, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: int) -> dict:
+        return {"caption": f"{self.name} {key}", "image": torch.full((3, 2, 2), float(key))}
+
+
+def test_each_pair_holds_the_instance_and_class_items_of_its_key():
+    pairs = PriorPairs(Keyed("instance", 4), Keyed("class", 6), length=6)
+    assert len(pairs) == 6
+    for key in (0, 5, 17):
+        item = pairs[key]
+        assert (item["caption"], item["class_caption"]) == (f"instance {key}", f"class {key}")
+        assert torch.equal(item["class_image"], torch.full((3, 2, 2), float(key)))
+    alone = PriorPairs(Keyed("instance", 4), None, length=8)[3]
+    assert set(alone) == {"caption", "image"}
 
 
 def test_lora_and_full_fine_tune_write_their_files(trained, base_file, pictures, tmp_path):
     assert (trained["out"] / "model.safetensors").is_file() and not (trained["out"] / "lora.safetensors").exists()
-    step = trained["out"] / "checkpoints" / "step_00000024"
+    step = trained["out"] / "checkpoints" / "step_00000016"
     assert "unet.safetensors" in {p.name for p in step.iterdir()}
     config = config_file(tmp_path, pictures, trained["classes"], lora={"rank": 2, "conv": True})
     out = stage2(config, base_file, tmp_path / "lora", "train.max_steps=4", "train.checkpoint_every=4")
