@@ -14,6 +14,8 @@ from torch import nn
 
 import autoencoder as ae
 from autoencoder.config import AutoencoderLossConfig
+from autoencoder.discriminator import NLayerDiscriminator
+from autoencoder.losses import hinge_d_loss
 
 TINY = dict(perceptual_weight=0.0, disc_ndf=8, disc_num_layers=2, disc_start=0)
 
@@ -25,6 +27,16 @@ def test_class_defaults_are_the_config_defaults():
     assert set(params) == {f.name for f in dataclasses.fields(config)}
     for name, param in params.items():
         assert param.default == getattr(config, name), name
+
+
+def test_a_loss_built_with_the_defaults_has_the_config_values():
+    config = AutoencoderLossConfig()
+    loss_fn = ae.AutoencoderLoss(lpips_random_backbone=True)  # the default VGG trunk, untrained: no file needed
+    for name in ("perceptual_weight", "kl_weight", "codebook_weight", "disc_start", "disc_weight", "disc_factor"):
+        assert getattr(loss_fn, name) == getattr(config, name), name
+    assert loss_fn.logvar.item() == config.logvar_init and loss_fn.disc_loss_fn is hinge_d_loss
+    reference = NLayerDiscriminator(config.disc_in_channels, config.disc_ndf, config.disc_num_layers, config.disc_norm)
+    assert [p.shape for p in loss_fn.discriminator.parameters()] == [p.shape for p in reference.parameters()]
 
 
 def _logits_loss(loss_fn, x, x_hat):

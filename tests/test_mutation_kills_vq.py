@@ -35,6 +35,13 @@ def test_codebook_option_defaults_are_the_config_defaults():
         assert params[name].default == getattr(config, name), name
 
 
+def test_a_quantizer_built_with_the_defaults_has_the_config_values():
+    config = AutoencoderConfig()
+    vq = ae.VectorQuantizer(8, 2)
+    for name in ("beta", "legacy", "codebook_ema", "ema_decay", "ema_eps", "dead_code_steps", "sane_index_shape"):
+        assert getattr(vq, name) == getattr(config, name), name
+
+
 def test_argument_checks_and_messages():
     ae.VectorQuantizer(1, 1)  # one code of one dimension is a codebook
     ae.VectorQuantizer(4, 2, codebook_ema=True, ema_decay=0.0)  # decay 0: the batch's means
