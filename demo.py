@@ -6,7 +6,9 @@ Uses `models/default/` (trained by scripts/train_default_model.sh on the built-i
 models/default/RECIPE.md). Writes `text-to-image/grid.png` (four prompts, four seeds each) and, for a
 few held-out emoji (`controlnet/source-*.png`), their Canny edges (`controlnet/edges-*.png`), the
 images the Canny ControlNet draws from them (`controlnet/<name>/`) and `controlnet/overview.png`
-with all of them side by side. Under a minute on 2 CPU cores (20 s on an AMD Zen 5, 55 s on a Zen 3).
+with all of them side by side; and `lora-fashion/grid.png`: Fashion-MNIST prompts drawn with the
+shipped LoRA (`models/default/lora-fashion.safetensors`, generate.py --lora), a domain the model never
+saw. Under a minute on 2 CPU cores (20 s on an AMD Zen 5, 55 s on a Zen 3).
 
 The demo's files have fixed names (generate.py --overwrite: `000-seed0.png` ... and `grid.png`), so a
 second `make demo` replaces the first one's instead of adding numbered copies beside them.
@@ -25,6 +27,7 @@ from common.cli import ArgumentParser, check_output_folder, run
 ROOT = Path(__file__).resolve().parent
 MODEL_DIR = ROOT / "models" / "default"
 PROMPTS = ["grinning face", "cat face", "purple heart", "fire"]  # training captions it draws well (see RECIPE.md)
+LORA_PROMPTS = ["sneaker", "dress", "bag", "ankle boot"]  # Fashion-MNIST classes, for the shipped LoRA
 CONTROL_EMOJI = ["crying cat face", "teapot"]  # in the held-out split
 
 
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo")
     args = parser.parse_args(argv)
     model, controlnet = MODEL_DIR / "model.safetensors", MODEL_DIR / "controlnet-canny.safetensors"
-    for path in (model, controlnet):
+    lora = MODEL_DIR / "lora-fashion.safetensors"
+    for path in (model, controlnet, lora):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; train it with scripts/train_default_model.sh")
     check_output_folder(args.out, "--out")
@@ -67,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     prompts.write_text("\n".join(PROMPTS) + "\n")
     _python("generate.py", "--checkpoint", model, "--prompts-file", prompts, "--n", 4, "--sampler", "dpmpp-2m",
             "--steps", 25, "--cfg", 3, "--out", out / "text-to-image", "--overwrite")
+    lora_prompts = out / "lora-prompts.txt"
+    lora_prompts.write_text("\n".join(LORA_PROMPTS) + "\n")
+    _python("generate.py", "--checkpoint", model, "--lora", lora, "--prompts-file", lora_prompts, "--n", 2,
+            "--sampler", "dpmpp-2m", "--steps", 25, "--cfg", 3, "--out", out / "lora-fashion", "--overwrite")
 
     from conditioning.edges import canny, to_uint8_hwc
     from generate import grid
@@ -85,9 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         generated = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((out / "controlnet" / name).glob("0*.png"))]
         rows.append([np.asarray(image), np.repeat(edges[..., None], 3, axis=2), *generated])
     Image.fromarray(grid(rows)).save(out / "controlnet" / "overview.png")
-    print(f"demo: images in {out / 'text-to-image'} and {out / 'controlnet'}; grids in "
-          f"{out / 'text-to-image' / 'grid.png'} and {out / 'controlnet' / 'overview.png'} "
-          "(per row: the held-out emoji, its Canny edges, four images drawn from the edges)")
+    print(f"demo: images in {out / 'text-to-image'}, {out / 'controlnet'} and {out / 'lora-fashion'}; grids in "
+          f"{out / 'text-to-image' / 'grid.png'}, {out / 'controlnet' / 'overview.png'} "
+          "(per row: the held-out emoji, its Canny edges, four images drawn from the edges) and "
+          f"{out / 'lora-fashion' / 'grid.png'} (Fashion-MNIST prompts with the shipped LoRA)")
 
 
 if __name__ == "__main__":

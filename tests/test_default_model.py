@@ -27,7 +27,7 @@ def model():
 
 def test_shipped_files_are_fp16_and_at_most_25_mb():
     files = sorted(MODEL_DIR.glob("*.safetensors"))
-    assert [f.name for f in files] == ["controlnet-canny.safetensors", "model.safetensors"]
+    assert [f.name for f in files] == ["controlnet-canny.safetensors", "lora-fashion.safetensors", "model.safetensors"]
     assert sum(f.stat().st_size for f in files) <= 25_000_000
     for f in files:
         floats = {v.dtype for v in load_weights(f).values() if v.is_floating_point()}
@@ -74,3 +74,5 @@ def test_demo_writes_its_grids(tmp_path):
     overview = np.asarray(Image.open(tmp_path / "controlnet" / "overview.png"))
     assert overview.shape == (2 * 64, 6 * 64, 3)  # per held-out emoji: source, edges, four samples
     assert len(list((tmp_path / "controlnet").glob("*/0*.png"))) == 8
+    lora_grid = np.asarray(Image.open(tmp_path / "lora-fashion" / "grid.png"))
+    assert lora_grid.shape == (4 * 64, 2 * 64, 3) and lora_grid.std() > 20  # four prompts, two seeds, not blank
