@@ -68,14 +68,16 @@ def test_codebook_starts_uniform_in_plus_minus_one_over_n():
 
 
 def test_nearest_code_is_exact_in_float32_even_under_autocast():
-    """Codes 0.004 apart: bfloat16 distances (8-bit mantissa) cannot tell them apart, float32 can."""
-    vq = _codebook(ae.VectorQuantizer(3, 2), [[0.0, 0.0], [1.0, 0.0], [1.004, 0.0]]).eval()
-    z = torch.tensor([1.003, 0.0]).view(1, 2, 1, 1)
-    _, _, info = vq(z)
-    assert info.indices.tolist() == [2]
+    """bfloat16 distances (8-bit mantissa) pick a wrong code for some of 1024 random vectors; the quantizer
+    must match the float64 brute-force nearest code for all of them, also inside an autocast region."""
+    g = torch.Generator().manual_seed(0)
+    vq = _codebook(ae.VectorQuantizer(16, 4), torch.randn(16, 4, generator=g).tolist()).eval()
+    z = torch.randn(1, 4, 32, 32, generator=g)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    nearest = torch.cdist(flat, vq.embedding.weight.detach().double()).argmin(1)
+    assert vq(z)[2].indices.tolist() == nearest.tolist()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, _, info = vq(z)
-    assert info.indices.tolist() == [2]
+        assert vq(z)[2].indices.tolist() == nearest.tolist()
     z_q, _, _ = vq(z.bfloat16())
     assert z_q.dtype == torch.bfloat16  # the output keeps the input's dtype
 
@@ -188,3 +190,69 @@ def test_vq_model_options_reach_the_model(tmp_path):
     x = pattern_images(1)
     torch.testing.assert_close(loaded.encode_latents(x), model.encode_latents(x))
     assert not torch.equal(loaded.quantize.embedding.weight, model.quantize.embedding.weight)  # left as initialised
+
+
+def test_perplexity_and_usage_of_single_uses():
+    vq = _codebook(ae.VectorQuantizer(8, 2), [[i, -i] for i in range(8)]).eval()
+    _, _, info = vq(torch.tensor([[0.0, 0.0], [1.0, -1.0], [2.0, -2.0], [3.0, -3.0]]).t().reshape(1, 2, 1, 4))
+    assert info.usage.item() == pytest.approx(0.5) and info.perplexity.item() == pytest.approx(4.0, rel=1e-5)
+    _, _, info = vq(torch.tensor([3.0, -3.0]).view(1, 2, 1, 1))  # one vector: one code, used by all
+    assert info.usage.item() == pytest.approx(1 / 8) and info.perplexity.item() == pytest.approx(1.0, rel=1e-5)
+
+
+def _four_codes(**kw) -> ae.VectorQuantizer:
+    return _codebook(ae.VectorQuantizer(4, 2, dead_code_steps=1, **kw), [[0, 0], [10, 10], [20, 20], [30, 30]]).train()
+
+
+def test_a_code_used_once_stays_and_a_single_dead_code_is_replaced():
+    vq = _four_codes()
+    z = torch.tensor([[0.1, 0.0], [10.0, 10.1], [20.1, 20.0]]).t().reshape(1, 2, 1, 3)  # codes 0, 1, 2 once each
+    vq(z)
+    w = vq.embedding.weight.detach()
+    assert w[:3].tolist() == [[0, 0], [10, 10], [20, 20]]
+    assert any(torch.equal(w[3], c) for c in z.permute(0, 2, 3, 1).reshape(-1, 2))
+
+
+def test_dead_codes_are_drawn_from_the_whole_batch():
+    torch.manual_seed(0)
+    vq = _codebook(ae.VectorQuantizer(64, 2, dead_code_steps=1), [[1000.0 + i, 0.0] for i in range(64)]).train()
+    z = torch.randn(1, 2, 4, 4)  # 16 vectors, all nearest code 0: 63 dead codes
+    vq(z)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 2)
+    picked = {next(k for k, r in enumerate(rows) if torch.equal(w, r)) for w in vq.embedding.weight.detach()[1:]}
+    assert max(picked) >= 2  # not only the first rows (a draw over the embedding width would give 0 and 1)
+
+
+def test_dead_codes_from_a_bfloat16_batch_land_in_the_float32_codebook():
+    vq = _four_codes()
+    z = torch.tensor([[0.1, 0.0], [10.0, 10.1], [20.1, 20.0]]).t().reshape(1, 2, 1, 3).bfloat16()
+    vq(z)
+    assert vq.embedding.weight.dtype == torch.float32
+    assert any(torch.equal(vq.embedding.weight.detach()[3], c.float()) for c in z.permute(0, 2, 3, 1).reshape(-1, 2))
+
+
+def test_an_ema_codebook_restarts_the_statistics_of_a_replaced_code():
+    vq = _four_codes(codebook_ema=True, ema_decay=0.5)
+    z = torch.tensor([[0.1, 0.0], [10.0, 10.1], [20.1, 20.0]]).t().reshape(1, 2, 1, 3)
+    vq(z)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 2)
+    assert vq.ema_cluster_size[3].item() == 1.0
+    assert any(torch.equal(vq.ema_embed_sum[3], r) for r in rows)
+    torch.testing.assert_close(vq.embedding.weight.detach(), vq.codebook_from_statistics())
+
+
+def test_replacement_codes_come_from_the_first_process(monkeypatch):
+    """With two processes every process takes process 0's replacement codes (a stand-in broadcast gives
+    7s) after summing the code counts (a stand-in all-reduce)."""
+    def broadcast(tensor, src):
+        assert src == 0
+        tensor.fill_(7.0)
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor: tensor.mul_(2))
+    monkeypatch.setattr(dist, "broadcast", broadcast)
+    vq = _four_codes()
+    vq(torch.tensor([[0.1, 0.0], [10.0, 10.1], [20.1, 20.0]]).t().reshape(1, 2, 1, 3))
+    assert vq.embedding.weight.detach().tolist() == [[0, 0], [10, 10], [20, 20], [7, 7]]
