@@ -37,9 +37,10 @@ __all__ = ["AUTO_DTYPE", "DTYPE_NAMES", "DTYPES", "cast_for_inference", "dtype_n
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = ("auto", *DTYPES)
-# The dtype "auto" resolves to per device kind. cpu: float32 until bfloat16's speed-up is measured on a
-# quiet machine; its quality is (bench/RESULTS.md, "Low-precision inference": FID within the seeds'
-# spread). cuda: not measured here (no GPU), so float32.
+# The dtype "auto" resolves to per device kind. cpu: float32, although bfloat16 matched its FID and ran
+# a U-Net call in 0.66-0.77 of its time where oneDNN has bf16 kernels (bench/RESULTS.md, "Low-precision
+# inference"): CPUs without those kernels run bf16 slower, and a bf16 image differs from the fp32 one,
+# so float32 keeps one seed's image the same on every CPU. cuda: not measured here (no GPU), so float32.
 AUTO_DTYPE = {"cpu": "fp32", "cuda": "fp32"}
 
 
