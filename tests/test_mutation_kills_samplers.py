@@ -163,6 +163,7 @@ def test_registry_state_spaces_and_capabilities(schedule):
     table = schedule.alphas_cumprod.double()
     sigma_levels = SigmaSpace().levels(levels, 5, "karras")
     torch.testing.assert_close(sigma_levels, make_sigmas(levels, 5, "karras"))
+    torch.testing.assert_close(SigmaSpace().levels(levels, 5, "trailing"), make_sigmas(levels, 5, "trailing"))
     assert SigmaSpace().pure_noise_scale(sigma_levels) == float(sigma_levels[0])
     assert SigmaSpace().state_scales(levels, sigma_levels) == [(1.0, float(s)) for s in sigma_levels[:-1]]
     ts = TimestepSpace().levels(levels, 3, "trailing")
