@@ -8,7 +8,7 @@ few held-out emoji (`controlnet/source-*.png`), their Canny edges (`controlnet/e
 images the Canny ControlNet draws from them (`controlnet/<name>/`) and `controlnet/overview.png`
 with all of them side by side; and `lora-fashion/grid.png`: Fashion-MNIST prompts drawn with the
 shipped LoRA (`models/default/lora-fashion.safetensors`, generate.py --lora), a domain the model never
-saw. Under a minute on 2 CPU cores (20 s on an AMD Zen 5, 55 s on a Zen 3).
+saw. Under a minute on 2 CPU cores (44-55 s on an AMD EPYC, 2026-12-04).
 
 The demo's files have fixed names (generate.py --overwrite: `000-seed0.png` ... and `grid.png`), so a
 second `make demo` replaces the first one's instead of adding numbered copies beside them.
