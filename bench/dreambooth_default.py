@@ -1,6 +1,7 @@
 """DreamBooth on the shipped default model, measured (issue 21 item 4; bench/RESULTS.md).
 
     HF_HUB_OFFLINE=1 python bench/dreambooth_default.py run --out runs/bench/dreambooth [--n 64] [--threads 2]
+    ... run --out runs/bench/dreambooth --variant lr3e-4 --set optim.lr=3e-4 [--set key=value ...] [--runs prior]
     python bench/dreambooth_default.py subject --out runs/dreambooth-default/subject   # the pictures alone
 
 The subject is one held-out emoji the model never saw (SUBJECT, checked to be in the test split of
@@ -27,6 +28,11 @@ Samples are kept in <out>/samples/, so a re-run scores without drawing again.
 
 Each training run's LoRA is merged into a copy of the base (`ldm.lora.merge_lora`). Results go to
 <out>/results.json, a Markdown table to stdout, a small before/after grid to --grid.
+
+A recipe variant: `--set key=value` (repeatable) overrides the config in both training runs (the no-prior
+run keeps lambda 0), `--runs` picks which of them to train and score, and `--variant NAME` puts the runs,
+their samples and results.json in <out>/NAME/, while the subject, the class pictures and the base model's
+samples stay in <out>, shared by all variants (so they are not drawn again).
 """
 from __future__ import annotations
 
@@ -193,16 +199,21 @@ class Samples:
         return images
 
 
+RUNS = {"no-prior": ["dreambooth.prior_loss_weight=0"], "prior": []}  # each run's own overrides, after --set
+
+
 def measure(args) -> None:
     torch.set_num_threads(args.threads)
-    out = args.out
-    subject_dir = out / "subject"
+    shared = args.out
+    out = shared / args.variant if args.variant else shared
+    subject_dir = shared / "subject"
     paths = sorted(subject_dir.glob("*.png")) or write_subject(subject_dir)
-    class_dir = out / "class_images"
-    results = {"subject": SUBJECT, "n": args.n, "sampling": SAMPLING, "threads": args.threads, "runs": {}}
-    results["runs"]["no-prior"] = train(out, "no-prior", args.base, subject_dir, class_dir, args.threads,
-                                        "dreambooth.prior_loss_weight=0")
-    results["runs"]["prior"] = train(out, "prior", args.base, subject_dir, class_dir, args.threads)
+    class_dir = shared / "class_images"
+    results = {"subject": SUBJECT, "n": args.n, "sampling": SAMPLING, "threads": args.threads, "set": args.set,
+               "runs": {}}
+    for name in args.runs:
+        results["runs"][name] = train(out, name, args.base, subject_dir, class_dir, args.threads,
+                                      *args.set, *RUNS[name])
     print(json.dumps(results["runs"], indent=1), flush=True)
 
     base = load_model(args.base).eval()
@@ -213,7 +224,8 @@ def measure(args) -> None:
     held_out = build_dataset(DataConfig(source="emoji", split="test", size=SIZE))
     held_out_stats = statistics_of([torch.stack([held_out[i]["image"] for i in range(len(held_out))])], features)
     draw = Samples(out / "samples", args.n)
-    base_class = draw("base", base, CLASS_PROMPT)
+    draw_base = Samples(shared / "samples", args.n)
+    base_class = draw_base("base", base, CLASS_PROMPT)
 
     def class_scores(cls: torch.Tensor) -> dict:
         stats = statistics_of([cls], features)
@@ -223,14 +235,15 @@ def measure(args) -> None:
 
     rows, shown = [], {}
     rows.append({"images": f"the {PICTURES} training pictures", **subject_scores(pictures, reference, features)})
-    named = draw("base", base, SUBJECT)
+    named = draw_base("base", base, SUBJECT)
     rows.append({"images": f"base, '{SUBJECT}'", **subject_scores(named, reference, features)})
     # No drift at all: the base's class samples from the next n seeds (the floor of 'class FID vs base's').
     rows.append({"images": f"base, seeds {args.n}-{2 * args.n - 1} (floor)",
-                 **class_scores(draw("base", base, CLASS_PROMPT, first_seed=args.n))})
-    for name in ("base", "no-prior", "prior"):
+                 **class_scores(draw_base("base", base, CLASS_PROMPT, first_seed=args.n))})
+    for name in ("base", *args.runs):
         model = base if name == "base" else merged(base, results["runs"][name]["lora"])
-        sks, cls = draw(name, model, INSTANCE_PROMPT), draw(name, model, CLASS_PROMPT)
+        sampler = draw_base if name == "base" else draw
+        sks, cls = sampler(name, model, INSTANCE_PROMPT), sampler(name, model, CLASS_PROMPT)
         rows.append({"images": f"{name}, '{INSTANCE_PROMPT}'", **subject_scores(sks, reference, features),
                      **class_scores(cls)})
         print(json.dumps(rows[-1]), flush=True)
@@ -256,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--grid", type=Path)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both training runs, e.g. optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--variant", help="put the runs, their samples and results.json in <out>/VARIANT/")
     args = parser.parse_args(argv)
     if args.action == "subject":
         for path in write_subject(args.out):
