@@ -7,8 +7,8 @@ module gets a work folder .mutation/<module>/ holding a mutmut 3 set-up: links t
 a pyproject.toml with the [tool.mutmut] section for that module, and mutmut's copy of the sources
 (mutants/) with the module's mutants compiled in. The checkout itself is never modified, so other work
 can go on in it while mutants run. Results stay in the work folder: a second run only tests mutants
-that have no result yet (new or changed functions), plus the not-killed ones again when one of the
-module's test files (or tests/conftest.py, tests/*_helpers.py) changed since the last run.
+that have no result yet (new or changed functions), plus the not-killed ones again when the module or
+one of its test files (or tests/conftest.py, tests/*_helpers.py) changed since the last run.
 
 Score per module: killed / (mutants - equivalent), where timeouts count as killed and "no tests" (a
 function none of the module's tests calls) as survived. Equivalent mutants are listed, each with its
@@ -195,8 +195,9 @@ def _refresh_copies(work: Path, module: str) -> None:
                 shutil.copy2(source, target)
 
 
-def tests_fingerprint(module: str, plan: Plan) -> str:
-    files = [ROOT / p for p in plan.tests[module]]
+def fingerprint(module: str, plan: Plan) -> str:
+    """A hash of the module and of the test files its mutants meet."""
+    files = [ROOT / module] + [ROOT / p for p in plan.tests[module]]
     files += [f for pattern in SHARED_TEST_FILES for f in sorted(ROOT.glob(pattern))]
     digest = hashlib.sha256()
     for f in files:
@@ -229,15 +230,20 @@ def statuses(work: Path, module: str) -> dict[str, str]:
 def run_module(module: str, plan: Plan, jobs: int) -> None:
     work = prepare(module, plan)
     stamp = work / "tests.sha256"
-    fingerprint = tests_fingerprint(module, plan)
+    current = fingerprint(module, plan)
+    changed = stamp.is_file() and stamp.read_text() != current
+    if changed:
+        # mutmut records once which tests call which function; a new function, or a test calling one
+        # differently, needs that record again (else its mutants are reported as having no tests).
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     print(f"== {module}: {' '.join(plan.tests[module])}", flush=True)
     mutmut(work, "run", "--max-children", str(jobs))
-    if stamp.is_file() and stamp.read_text() != fingerprint:
+    if changed:
         again = [n for n, s in statuses(work, module).items() if s not in KILLED]
         if again:
-            print(f"   tests changed: re-testing {len(again)} mutants that were not killed", flush=True)
+            print(f"   module or tests changed: re-testing {len(again)} mutants that were not killed", flush=True)
             mutmut(work, "run", "--max-children", str(jobs), *again)
-    stamp.write_text(fingerprint)
+    stamp.write_text(current)
 
 
 def read_equivalent() -> dict[str, tuple[str, str]]:
