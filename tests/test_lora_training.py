@@ -371,4 +371,6 @@ def test_the_shipped_lora_config_trains_on_the_default_model(tmp_path):
     model = LatentDiffusion.load(default)
     lora = read_lora(out / "lora.safetensors", model)
     assert len(lora.layers) == read_metadata(out / "lora.safetensors")["ldm_lora"]["layers"] > 0
-    assert (out / "lora.safetensors").stat().st_size < default.stat().st_size / 10
+    # The adapters (attention, feed-forward and LoCon convs at rank 8) are a small fraction of the U-Net.
+    adapter_numel = sum(t.numel() for t in load_weights(out / "lora.safetensors").values())
+    assert adapter_numel < sum(p.numel() for p in model.unet.parameters()) / 10
