@@ -85,6 +85,9 @@ def test_noise_comes_from_the_given_tensor_or_generators(schedule):
     noise = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     expected = a.sqrt() * x0 + (1 - a).sqrt() * noise
     torch.testing.assert_close(_x_t_seen(diffusion, x0, t=t, noise=noise), expected, rtol=1e-6, atol=1e-6)
+    # given noise wins over generators, per-sample ones too
+    torch.testing.assert_close(_x_t_seen(diffusion, x0, t=t, noise=noise, generator=gens(0, 2)), expected,
+                               rtol=1e-6, atol=1e-6)
     # a generator: its standard normal draw in x0's dtype (float64 draws differ from float32 ones)
     drawn = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     torch.testing.assert_close(_x_t_seen(diffusion, x0, t=t, generator=torch.Generator().manual_seed(3)),
