@@ -60,12 +60,17 @@ class Row:
         return sum(s in KILLED and n not in self.equivalent for n, s in self.status.items())
 
     @property
+    def not_run(self) -> int:
+        return sum(s == "not checked" for s in self.status.values())
+
+    @property
     def not_killed(self) -> list[str]:
-        return sorted((n for n, s in self.status.items() if s not in KILLED and n not in self.equivalent),
-                      key=_natural)
+        return sorted((n for n, s in self.status.items()
+                       if s not in KILLED and s != "not checked" and n not in self.equivalent), key=_natural)
 
     def score(self) -> float | None:
-        counted = len(self.status) - len(self.equivalent)
+        """killed / (mutants run - equivalent), in percent."""
+        counted = len(self.status) - len(self.equivalent) - self.not_run
         return 100.0 * self.killed / counted if counted else None
 
 
@@ -292,11 +297,11 @@ def _natural(name: str) -> tuple[str, int]:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| module | mutants | killed | equivalent | not killed | score |", "|---|---|---|---|---|---|"]
+    lines = ["| module | mutants | killed | equivalent | not killed | not run | score |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         score = r.score()
         lines.append(f"| {r.module} | {len(r.status)} | {r.killed} | {len(r.equivalent)} | {len(r.not_killed)} "
-                     f"| {'-' if score is None else f'{score:.1f}%'} |")
+                     f"| {r.not_run} | {'-' if score is None else f'{score:.1f}%'} |")
     return "\n".join(lines)
 
 
