@@ -150,11 +150,12 @@ class LatentDiffusionTask(TrainingTask):
         return [(instances, self.generators(batch)), (classes, self.generators(batch, CLASS_KEY_OFFSET))]
 
     def training_step(self, batch, step):
-        latents, captions, generators = [], [], []
-        for part, part_generators in self.parts(batch):  # each drawn from in this order: posterior, dropout, t, noise
+        parts = self.parts(batch)
+        latents, captions = [], []
+        for part, part_generators in parts:  # each drawn from in this order: posterior, dropout, t, noise
             latents.append(self.latents(part, part_generators))
             captions += drop_captions(part["caption"], self.cfg.caption_dropout, part_generators)
-            generators = None if part_generators is None else [*(generators or []), *part_generators]
+        generators = None if parts[0][1] is None else [g for _, part_generators in parts for g in part_generators]
         z = torch.cat(latents) if len(latents) > 1 else latents[0]
         context = self.text_contexts(captions)
         terms = self.model.diffusion.training_losses(self.model, z, {"context": context}, generator=generators)
