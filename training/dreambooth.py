@@ -30,6 +30,7 @@ from data.dreambooth import InstanceImages, PriorPairs, instance_image_files
 from data.folder import FolderDataset
 from ldm.class_images import ClassImageSpec, class_images
 from ldm.samplers import SAMPLERS
+from training.ema import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,8 @@ def dreambooth_dataset(cfg: DreamBoothConfig, data: DataConfig, model, model_fil
                               count=cfg.num_class_images, size=data.size, sampler=cfg.class_sampler,
                               steps=cfg.class_steps, guidance=cfg.class_guidance, seed=cfg.class_seed)
         root = cfg.class_dir or Path(output_dir) / "class_images"
-        was_training = model.training
-        model.eval()
-        folder = class_images(model, spec, root, batch_size=cfg.class_batch_size)
-        model.train(was_training)
+        with eval_mode(model):  # the base draws as it samples; each submodule's own flag comes back after
+            folder = class_images(model, spec, root, batch_size=cfg.class_batch_size)
         classes = FolderDataset(DataConfig(source="folder", path=str(folder), size=data.size, crop="center",
                                            flip=data.flip, seed=data.seed))
     elif cfg.class_prompt is not None:
