@@ -22,6 +22,7 @@ def test_sampler_length_is_the_batches_it_yields(n, batch_size, world, start, ex
 
 import io
 import logging
+import random
 import sys
 import types
 from dataclasses import replace
@@ -85,6 +86,7 @@ class LoggingTask(TrainingTask):
         self.schedulers = {}
         self.ema_target = self.net
         self.setup_seed = torch.initial_seed()
+        self.setup_draws = (np.random.random(), random.random())
 
     def training_step(self, batch, step):
         self.calls += 1
@@ -130,6 +132,7 @@ def test_logged_scalars_are_window_means_and_the_sample_rate(tmp_path, monkeypat
     # The bar: 5 steps from 0, the first four scalars and the rate after each log.
     (bar,) = Bar.made
     assert bar.kwargs["total"] == 5 and bar.kwargs["initial"] == 0 and not bar.kwargs["disable"]
+    assert bar.kwargs["dynamic_ncols"] is True  # the bar follows the terminal's width
     assert bar.updates == 5 and bar.closed
     assert bar.postfixes == [
         {"calls": "2.5", "one": "1", "two": "2", "three": "3", "img/s": "8.0"},
@@ -256,7 +259,8 @@ def test_gradients_are_averaged_with_the_other_process_per_dtype(monkeypatch):
         tensor.add_(1.0 if tensor.dtype == torch.float32 else -2.0)
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    shapes = [((2, 3), torch.float32), ((4,), torch.float64), ((3,), torch.float32), ((2, 2), torch.float64)]
+    shapes = [((2, 3), torch.float32), ((4,), torch.float64), ((3,), torch.float32), ((2, 2), torch.float64),
+              ((2,), torch.float32), ((1,), torch.float64)]
     params, mine = [], []
     for k, (shape, dtype) in enumerate(shapes):
         p = nn.Parameter(torch.zeros(shape, dtype=dtype))
@@ -264,7 +268,7 @@ def test_gradients_are_averaged_with_the_other_process_per_dtype(monkeypatch):
         params.append(p)
         mine.append(p.grad.clone())
     loop._average_gradients(params, 2)
-    assert sorted(calls, key=str) == sorted([(torch.float32, 9), (torch.float64, 8)], key=str)
+    assert sorted(calls, key=str) == sorted([(torch.float32, 11), (torch.float64, 9)], key=str)
     for p, g, (shape, dtype) in zip(params, mine, shapes):
         other = 1.0 if dtype == torch.float32 else -2.0
         assert p.grad.dtype == dtype and p.grad.shape == shape
@@ -358,6 +362,10 @@ def test_each_process_seeds_with_the_seed_plus_its_rank(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         train(task, NoisyRegression(), _cfg(tmp_path, seed=5))
     assert task.setup_seed == 6
+    # numpy's and Python's generators too: the task saw what they draw after seeding with 6.
+    np.random.seed(6)
+    random.seed(6)
+    assert task.setup_draws == (np.random.random(), random.random())
 
 
 @pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
@@ -457,3 +465,384 @@ def test_train_config_defaults():
     assert (cfg.mixed_precision, cfg.grad_clip, cfg.ema_decay, cfg.seed, cfg.num_workers) == ("no", 1.0, None, 0, 0)
     assert (cfg.log_every, cfg.image_every, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.shard) == (10, 0, 500, 3,
                                                                                                       "none")
+
+
+# --- The epoch's batches ------------------------------------------------------------------------------
+
+class Stream(torch.utils.data.IterableDataset):
+    """A stream of `n` samples an epoch that notes set_epoch and skip, and honours skip."""
+
+    def __init__(self, n: int = 12):
+        self.n, self.calls, self.skipped, self.epoch = n, [], 0, 0
+
+    def set_epoch(self, epoch):
+        self.calls.append(("set_epoch", epoch))
+        self.epoch = epoch
+
+    def skip(self, n, batch_size=1):
+        self.calls.append(("skip", n, batch_size))
+        self.skipped = n
+
+    def __iter__(self):
+        for i in range(self.skipped, self.n):
+            yield {"x": torch.full((2,), float(100 * self.epoch + i)), "name": f"s{i}"}
+        self.skipped = 0
+
+
+def _process(rank=0, world=1):
+    """A stand-in accelerator for process `rank` of `world`, on the CPU."""
+    return types.SimpleNamespace(process_index=rank, num_processes=world, is_main_process=rank == 0,
+                                 device=torch.device("cpu"))
+
+
+def test_a_stream_numbers_its_samples_by_global_batch_and_epoch(tmp_path):
+    cfg = _cfg(tmp_path, batch_size=3)
+    stream = Stream()
+    # Process 1 of 2, epoch 2, resumed after its first batch: its batches are the global batches
+    # 1 * 2 + 1 = 3, 5, 7 of the epoch, keys 3 * 3 .. 3 * 3 + 2, ... plus 2 << 40.
+    batches = list(loop._epoch_batches(stream, cfg, Position(epoch=2, batch_in_epoch=1), _process(1, 2)))
+    assert stream.calls == [("set_epoch", 2), ("skip", 3, 3)]
+    assert [b["sample_key"].tolist() for b in batches] == [
+        [(2 << 40) + k for k in range(9, 12)], [(2 << 40) + k for k in range(15, 18)],
+        [(2 << 40) + k for k in range(21, 24)]]
+    assert [b["x"][:, 0].tolist() for b in batches] == [[203, 204, 205], [206, 207, 208], [209, 210, 211]]
+    assert batches[0]["name"] == ["s3", "s4", "s5"]
+    assert all(b["sample_key"].dtype == torch.int64 for b in batches)
+
+
+def test_a_stream_without_set_epoch_or_skip_is_read_as_it_is(tmp_path):
+    class Plain(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([{"x": torch.tensor(float(i))} for i in range(4)])
+
+    batches = list(loop._epoch_batches(Plain(), _cfg(tmp_path, batch_size=2), Position(), _process()))
+    assert [b["x"].tolist() for b in batches] == [[0.0, 1.0], [2.0, 3.0]]
+    assert [b["sample_key"].tolist() for b in batches] == [[0, 1], [2, 3]]
+
+
+def test_map_batches_carry_their_keys_and_follow_rank_and_resume(tmp_path):
+    class Keyed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, key):
+            return {"key": torch.tensor(key), "text": f"k{key}"}
+
+    cfg = _cfg(tmp_path, batch_size=2, seed=3)
+    whole = list(loop._epoch_batches(Keyed(), cfg, Position(epoch=1), _process(0, 1)))
+    assert len(whole) == 5
+    keys = [b["sample_key"].tolist() for b in whole]
+    assert sorted(k for b in keys for k in b) == list(range(10, 20))  # epoch 1 of 10 samples: keys 10..19
+    assert all(b["key"].tolist() == k for b, k in zip(whole, keys)) and whole[0]["text"] == [f"k{k}" for k in keys[0]]
+    resumed = list(loop._epoch_batches(Keyed(), cfg, Position(epoch=1, batch_in_epoch=3), _process(0, 1)))
+    assert [b["sample_key"].tolist() for b in resumed] == keys[3:]
+    rank0 = [b["sample_key"].tolist() for b in loop._epoch_batches(Keyed(), cfg, Position(epoch=1), _process(0, 2))]
+    rank1 = [b["sample_key"].tolist() for b in loop._epoch_batches(Keyed(), cfg, Position(epoch=1), _process(1, 2))]
+    assert len(rank0) == len(rank1) == 2
+    assert [k for pair in zip(rank0, rank1) for b in pair for k in b] == [k for b in keys[:4] for k in b]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_making_an_epochs_loader_leaves_the_global_rng_alone(tmp_path, stream):
+    data = Stream() if stream else NoisyRegression()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    list(loop._epoch_batches(data, _cfg(tmp_path, batch_size=4), Position(epoch=1, batch_in_epoch=1), _process()))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_to_device_keeps_structure_and_batch_size_counts_the_first_batched_value():
+    cpu = torch.device("cpu")
+    batch = {"x": torch.ones(3, 2), "names": ["a", "b", "c"], "parts": [torch.zeros(3), torch.ones(3)], "n": 7,
+             "empty": []}
+    moved = loop._to_device(batch, cpu)
+    assert moved.keys() == batch.keys() and moved["names"] == ["a", "b", "c"] and moved["n"] == 7
+    assert moved["empty"] == [] and len(moved["parts"]) == 2 and torch.equal(moved["parts"][1], torch.ones(3))
+    assert loop._batch_size({"n": 7, "names": ["a", "b"], "x": torch.ones(5)}) == 2
+    assert loop._batch_size({"n": 7, "x": torch.ones(5, 2)}) == 5
+    assert loop._batch_size({"n": 7}) == 0
+
+
+# --- Processes agreeing ---------------------------------------------------------------------------------
+
+class TwoProcesses:
+    """Two threads as the two processes of a run, and an all-reduce between them (SUM or MAX)."""
+
+    def __init__(self):
+        import threading
+        self.barrier, self.tensors = threading.Barrier(2, timeout=10), {}
+
+    def all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+        import threading
+        self.tensors[threading.get_ident()] = tensor.clone()
+        self.barrier.wait()
+        a, b = self.tensors.values()
+        result = {dist.ReduceOp.SUM: torch.add, dist.ReduceOp.MAX: torch.maximum}[op](a, b)
+        self.barrier.wait()
+        tensor.copy_(result)
+
+    def run(self, *work):
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            return [f.result() for f in [pool.submit(w) for w in work]]
+
+
+@pytest.mark.parametrize("flags, any_of, all_of", [
+    ((False, False), False, False), ((True, False), True, False), ((False, True), True, False),
+    ((True, True), True, True)])
+def test_two_processes_agree_on_any_or_all_of_their_flags(tmp_path, monkeypatch, flags, any_of, all_of):
+    processes = TwoProcesses()
+    monkeypatch.setattr(dist, "all_reduce", processes.all_reduce)
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    runs = []
+    for rank in range(2):
+        task = LoggingTask()
+        task.modules = {"net": task.net}
+        cfg = _cfg(tmp_path / str(rank))
+        runs.append(loop._Run(task, None, cfg, _process(rank, 2), CheckpointDir(tmp_path / "c"), Position(), -1))
+    try:
+        # Only the main process writes TensorBoard events and shows a bar.
+        assert runs[0].writer is not None and runs[1].writer is None
+        assert [run.bar.kwargs["disable"] for run in runs] == [False, True]
+        assert processes.run(*[lambda r=r, f=f: r.agree(f) for r, f in zip(runs, flags)]) == [any_of] * 2
+        assert processes.run(*[lambda r=r, f=f: r.agree(f, all_of=True) for r, f in zip(runs, flags)]) == [all_of] * 2
+    finally:
+        runs[0].writer.close()
+        for run in runs:
+            run.interrupted.restore()
+
+
+def test_one_process_agrees_with_itself_without_a_collective(tmp_path, monkeypatch):
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: pytest.fail("no collective with one process"))
+    task = LoggingTask()
+    task.modules = {"net": task.net}
+    run = loop._Run(task, None, _cfg(tmp_path), _process(0, 1), CheckpointDir(tmp_path / "c"), Position(), -1)
+    try:
+        assert [run.agree(True), run.agree(False), run.agree(True, all_of=True), run.agree(False, all_of=True)] == [
+            True, False, True, False]
+    finally:
+        run.writer.close()
+        run.interrupted.restore()
+
+
+# --- An optimizer step over two processes -----------------------------------------------------------
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_two_processes_step_on_the_averaged_then_clipped_gradient(monkeypatch, clip):
+    """Process 0's gradient is (4, 0), process 1's (0, 0): both step on their mean (2, 0), clipped to
+    norm 1 with grad_clip 1 (clipping each process's own first would give (0.5, 0)). A frozen
+    parameter without a gradient is left out; the scheduler steps once; gradients are cleared."""
+    processes = TwoProcesses()
+    monkeypatch.setattr(dist, "all_reduce", processes.all_reduce)
+
+    def one_process(grad):
+        weight, frozen = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.ones(3))
+        weight.grad = torch.tensor(grad)
+        opt = torch.optim.SGD([weight, frozen], lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+        task = types.SimpleNamespace(optimizers={"net": opt}, schedulers={"net": sched})
+        accelerator = types.SimpleNamespace(sync_gradients=True, num_processes=2, scaler=None)
+        loop._optimizer_step(task, "net", accelerator, clip)
+        return weight.detach().clone(), weight.grad, frozen.detach().clone(), opt.param_groups[0]["lr"]
+
+    results = processes.run(lambda: one_process([4.0, 0.0]), lambda: one_process([0.0, 0.0]))
+    step = 1.0 / (1 + 1e-6) if clip else 2.0  # torch clips to max_norm / (norm + 1e-6)
+    for weight, grad, frozen, lr in results:
+        torch.testing.assert_close(weight, torch.tensor([-step, 0.0]), rtol=1e-6, atol=0)
+        assert grad is None and torch.equal(frozen, torch.ones(3)) and lr == 0.5
+
+
+def test_one_process_clips_its_own_gradient_without_a_collective(monkeypatch):
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: pytest.fail("no collective with one process"))
+    weight = nn.Parameter(torch.zeros(2))
+    weight.grad = torch.tensor([3.0, 4.0])
+    opt = torch.optim.SGD([weight], lr=1.0)
+    task = types.SimpleNamespace(optimizers={"net": opt}, schedulers={})
+    loop._optimizer_step(task, "net", types.SimpleNamespace(sync_gradients=True, num_processes=1, scaler=None), 0.5)
+    torch.testing.assert_close(weight.detach(), torch.tensor([-0.3, -0.4]), rtol=1e-5, atol=0)
+    assert weight.grad is None
+
+
+# --- Stopping on time ---------------------------------------------------------------------------------
+
+def test_max_minutes_stops_at_the_first_step_past_the_limit_and_saves_it_once(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(loop, "time", clock)
+    saved = []
+    real_save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda dir, pos, *a: (saved.append(pos.step), real_save(dir, pos, *a)))
+    task = LoggingTask(clock, seconds=1.0)  # one second a step: 0.05 minutes is 3 s, passed at step 4
+    last = train(task, NoisyRegression(), _cfg(tmp_path, grad_accum=1, max_steps=100, max_minutes=0.05,
+                                               checkpoint_every=2))
+    assert last.name == "step_00000004" and task.calls == 4
+    assert saved == [2, 4]
+    assert CheckpointDir(tmp_path / "run" / "checkpoints").steps() == [2, 4]
+
+
+def test_max_minutes_saves_a_step_the_schedule_did_not(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(loop, "time", clock)
+    task = LoggingTask(clock, seconds=1.0)
+    last = train(task, NoisyRegression(), _cfg(tmp_path, grad_accum=1, max_steps=100, max_minutes=0.05,
+                                               checkpoint_every=3))
+    assert last.name == "step_00000004" and CheckpointDir(tmp_path / "run" / "checkpoints").steps() == [3, 4]
+
+
+# --- Epochs ---------------------------------------------------------------------------------------------
+
+def test_each_epoch_sees_every_sample_once_under_its_own_keys(tmp_path):
+    class KeyRecorder(LoggingTask):
+        keys: list
+
+        def training_step(self, batch, step):
+            self.__dict__.setdefault("keys", []).append(batch["sample_key"].tolist())
+            yield from super().training_step(batch, step)
+
+    task = KeyRecorder()
+    # 24 samples in batches of 4: 6 steps an epoch; 13 steps reach into a third epoch.
+    train(task, NoisyRegression(), _cfg(tmp_path, grad_accum=1, max_steps=13))
+    assert len(task.keys) == 13
+    for epoch in range(2):
+        assert sorted(k for b in task.keys[6 * epoch: 6 * epoch + 6] for k in b) == list(range(24 * epoch, 24 * epoch + 24))
+    assert all(48 <= k < 72 for k in task.keys[12])
+
+
+# --- Two processes stopping together --------------------------------------------------------------------
+
+def _two_runs(tmp_path, monkeypatch, tasks, cfgs):
+    """A _Run for each of two stand-in processes (threads) on the CPU, joined by TwoProcesses."""
+    import contextlib
+    processes = TwoProcesses()
+    monkeypatch.setattr(dist, "all_reduce", processes.all_reduce)
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    runs = []
+    for rank, (task, cfg) in enumerate(zip(tasks, cfgs)):
+        task.setup(types.SimpleNamespace(prepare=lambda opt: opt))
+        accelerator = types.SimpleNamespace(
+            process_index=rank, num_processes=2, is_main_process=rank == 0, device=torch.device("cpu"),
+            sync_gradients=True, scaler=None, accumulate=contextlib.nullcontext, autocast=contextlib.nullcontext,
+            backward=lambda loss: loss.backward())
+        runs.append(loop._Run(task, None, cfg, accelerator, CheckpointDir(tmp_path / f"c{rank}"), Position(), -1))
+    return processes, runs
+
+
+def _close(runs):
+    for run in reversed(runs):
+        if run.writer:
+            run.writer.close()
+        run.interrupted.restore()
+
+
+class NanLoss(LoggingTask):
+    def training_step(self, batch, step):
+        yield "net", torch.tensor(float("nan"), requires_grad=True), {}
+
+
+def _batch():
+    return {"x": torch.ones(4, 6), "y": torch.zeros(4, 2)}
+
+
+def test_a_non_finite_loss_on_one_process_stops_both(tmp_path, monkeypatch):
+    from training import NonFiniteLossError
+    processes, runs = _two_runs(tmp_path, monkeypatch, [LoggingTask(), NanLoss()], [_cfg(tmp_path)] * 2)
+
+    def step(run):
+        try:
+            run.micro_step(_batch())
+        except NonFiniteLossError as e:
+            return str(e)
+
+    try:
+        good, bad = processes.run(*[lambda r=r: step(r) for r in runs])
+    finally:
+        _close(runs)
+    assert good is not None and good.startswith("loss 'net' is ") and " at step 0; stopping without saving" in good
+    assert bad == "loss 'net' is nan at step 0; stopping without saving (last good checkpoint: none)"
+
+
+def test_two_processes_count_both_processes_samples(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(loop, "time", clock)
+    processes, runs = _two_runs(tmp_path, monkeypatch, [LoggingTask(), LoggingTask()], [_cfg(tmp_path)] * 2)
+    try:
+        processes.run(*[lambda r=r: r.micro_step(_batch()) for r in runs])
+        clock.now += 2.0
+        processes.run(*[lambda r=r: r.log_scalars() for r in runs])
+    finally:
+        _close(runs)
+    # 2 processes x 4 samples in 2 s on the stand-in clock.
+    events = _events(tmp_path / "run" / "tensorboard")
+    assert [(e.step, e.value) for e in events.Scalars("samples_per_second")] == [(0, 4.0)]
+    assert [(e.step, e.value) for e in events.Scalars("calls")] == [(0, 1.0)]
+
+
+@pytest.mark.parametrize("who", [0, 1, None])
+def test_a_signal_on_one_process_stops_both(tmp_path, monkeypatch, who):
+    monkeypatch.setattr(loop, "save_checkpoint", lambda *a: pytest.fail("finish_step saves no signalled step"))
+    processes, runs = _two_runs(tmp_path, monkeypatch, [LoggingTask(), LoggingTask()], [_cfg(tmp_path)] * 2)
+    try:
+        if who is not None:
+            runs[who].interrupted.set(15)
+        stops = processes.run(*[lambda r=r: r.finish_step(_batch()) for r in runs])
+        flags = [bool(r.interrupted) for r in runs]
+    finally:
+        _close(runs)
+    assert stops == flags == [who is not None] * 2  # step 1 of 5: no other reason to stop
+
+
+def test_one_process_out_of_time_stops_and_saves_both(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(loop, "time", clock)
+    saved = []
+    monkeypatch.setattr(loop, "save_checkpoint", lambda dir, pos, *a: saved.append((dir.root.name, pos.step)))
+    cfgs = [_cfg(tmp_path), _cfg(tmp_path, max_minutes=0.01)]  # process 1 has 0.6 s
+    processes, runs = _two_runs(tmp_path, monkeypatch, [LoggingTask(), LoggingTask()], cfgs)
+    clock.now += 1.0
+    try:
+        stops = processes.run(*[lambda r=r: r.finish_step(_batch()) for r in runs])
+    finally:
+        _close(runs)
+    assert stops == [True, True] and sorted(saved) == [("c0", 1), ("c1", 1)]
+
+
+@pytest.mark.parametrize("bad_on", [None, 1])
+def test_a_non_finite_shard_on_one_process_stops_both(tmp_path, monkeypatch, bad_on):
+    """Sharded modules (a stand-in: the run is told its modules are sharded) are checked shard by shard,
+    each process its own; a process whose shards are fine names the other's."""
+    from training.finite import NonFiniteStateError
+    processes, runs = _two_runs(tmp_path, monkeypatch, [LoggingTask(), LoggingTask()], [_cfg(tmp_path)] * 2)
+    for run in runs:
+        run.sharded = True
+    if bad_on is not None:
+        with torch.no_grad():
+            runs[bad_on].task.net.weight[0, 0] = float("inf")
+
+    def check(run):
+        try:
+            run.check_finite("net")
+        except NonFiniteStateError as e:
+            return str(e)
+
+    try:
+        messages = processes.run(*[lambda r=r: check(r) for r in runs])
+    finally:
+        _close(runs)
+    if bad_on is None:
+        assert messages == [None, None]
+        return
+    tail = " at step 1 (e.g. {}; check optim.lr); stopping without saving (last good checkpoint: none)"
+    assert messages == ["optimizer 'net' made 1 weights NaN or infinite" + tail.format("a shard of another process"),
+                        "optimizer 'net' made 1 weights NaN or infinite" + tail.format("net.weight")]
+
+
+def test_a_parameter_outside_the_tasks_modules_is_named_by_a_question_mark(tmp_path):
+    from training.finite import NonFiniteStateError
+
+    class Stray(LoggingTask):
+        def setup(self, accelerator):
+            super().setup(accelerator)
+            self.stray = nn.Parameter(torch.full((2,), float("inf")))
+            self.optimizers["net"].add_param_group({"params": [self.stray]})
+
+    with pytest.raises(NonFiniteStateError, match=r"made 1 weights NaN or infinite at step 1 \(e\.g\. \?; check"):
+        train(Stray(), NoisyRegression(), _cfg(tmp_path, grad_accum=1))
