@@ -583,6 +583,7 @@ class TwoProcesses:
 
     def run(self, *work):
         import concurrent.futures
+        self.tensors = {}  # by thread: new threads each call
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             return [f.result() for f in [pool.submit(w) for w in work]]
 
