@@ -847,3 +847,116 @@ def test_a_parameter_outside_the_tasks_modules_is_named_by_a_question_mark(tmp_p
 
     with pytest.raises(NonFiniteStateError, match=r"made 1 weights NaN or infinite at step 1 \(e\.g\. \?; check"):
         train(Stray(), NoisyRegression(), _cfg(tmp_path, grad_accum=1))
+
+
+# --- Loader details -------------------------------------------------------------------------------------
+
+class WorkerStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info() is not None
+        return iter([{"in_worker": torch.tensor(worker)} for _ in range(4)])
+
+
+class WorkerMap(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, key):
+        return {"in_worker": torch.tensor(torch.utils.data.get_worker_info() is not None)}
+
+
+@pytest.mark.parametrize("data", [WorkerStream(), WorkerMap()], ids=["stream", "map"])
+def test_num_workers_loads_in_worker_processes(tmp_path, data):
+    for workers in (0, 1):
+        batches = list(loop._epoch_batches(data, _cfg(tmp_path, batch_size=2, num_workers=workers), Position(),
+                                           _process()))
+        assert len(batches) == 2 and all(b["in_worker"].tolist() == [workers == 1] * 2 for b in batches)
+
+
+def test_cpu_batches_are_not_pinned(tmp_path):
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(loop._epoch_batches(NoisyRegression(), _cfg(tmp_path, batch_size=4), Position(), _process()))
+    assert len(batches) == 6 and not batches[0]["x"].is_pinned()
+    assert [str(w.message) for w in caught] == []
+
+
+def test_sampler_batches_are_full_and_seeded_by_seed_and_epoch():
+    # 11 keys in batches of 3: three full batches, never a short fourth.
+    assert [len(b) for b in EpochKeySampler(11, 3, epoch=0, seed=0)] == [3, 3, 3]
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = list(EpochKeySampler(40, 4, epoch=2, seed=1))
+    assert torch.equal(torch.get_rng_state(), before)  # its own generator, not the global one
+    assert list(EpochKeySampler(40, 4, epoch=2, seed=1)) == first
+    assert list(EpochKeySampler(40, 4, epoch=3, seed=1)) != [[k + 40 for k in b] for b in first]
+    assert list(EpochKeySampler(40, 4, epoch=2, seed=2)) != first
+
+
+def test_a_step_the_fp16_scaler_skips_still_moves_the_schedule_without_a_warning():
+    import warnings
+    weight = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([weight], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))  # the scale is made with the first scaled loss
+    weight.grad = torch.tensor([float("inf"), 1.0])
+    task = types.SimpleNamespace(optimizers={"net": opt}, schedulers={"net": sched})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop._optimizer_step(task, "net", types.SimpleNamespace(sync_gradients=True, num_processes=1, scaler=scaler),
+                             None)
+    assert torch.equal(weight.detach(), torch.zeros(2))  # the inf gradient's step was skipped
+    assert opt.param_groups[0]["lr"] == 0.5 and weight.grad is None
+    assert [str(w.message) for w in caught] == []
+
+
+# --- Stops before the first step; the EMA's decay -----------------------------------------------------
+
+class SignalledEmptyStream(torch.utils.data.IterableDataset):
+    """A stream that is stopped (SIGTERM) while it opens and then has nothing to give."""
+
+    def __iter__(self):
+        import signal
+        signal.raise_signal(signal.SIGTERM)
+        return iter([])
+
+
+def test_a_stop_before_the_first_step_saves_step_0_of_a_fresh_run(tmp_path, monkeypatch):
+    from common.cli import Interrupted
+    with pytest.raises(Interrupted, match=r"SIGTERM at step 0: saved .*step_00000000; no model exported"):
+        train(LoggingTask(), SignalledEmptyStream(), _cfg(tmp_path))
+    assert CheckpointDir(tmp_path / "run" / "checkpoints").steps() == [0]
+
+
+def test_a_stop_before_the_first_resumed_step_saves_nothing_new(tmp_path, monkeypatch):
+    from common.cli import Interrupted
+    cfg = _cfg(tmp_path, max_steps=2, grad_accum=1)
+    train(LoggingTask(), NoisyRegression(), cfg)
+    saved = []
+    real_save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda dir, pos, *a: (saved.append(pos.step), real_save(dir, pos, *a)))
+    with pytest.raises(Interrupted, match=r"SIGTERM at step 2: saved .*step_00000002; no model exported"):
+        train(LoggingTask(), SignalledEmptyStream(), replace(cfg, max_steps=4), resume=True)
+    assert saved == [] and CheckpointDir(tmp_path / "run" / "checkpoints").steps() == [2]
+
+
+def test_the_ema_follows_the_weights_at_the_configured_decay(tmp_path):
+    """ema_decay 0.1 caps the warm-up decay (1 + n) / (10 + n) from the first update on:
+    ema_n = 0.1 * ema_(n-1) + 0.9 * weights_n, from ema_0 = the initial weights."""
+    from common.weights import load_weights
+
+    class Recording(LoggingTask):
+        def training_step(self, batch, step):
+            self.__dict__.setdefault("before", []).append(self.net.weight.detach().clone().double())
+            yield from super().training_step(batch, step)
+
+    task = Recording()
+    folder = train(task, NoisyRegression(), _cfg(tmp_path, grad_accum=1, max_steps=3, ema_decay=0.1))
+    after = task.before[1:] + [task.net.weight.detach().double()]
+    ema = task.before[0]
+    for weights in after:
+        ema = 0.1 * ema + 0.9 * weights
+    torch.testing.assert_close(load_weights(folder / "ema.safetensors")["weight"].double(), ema, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(ema, after[-1])  # the EMA lags the weights
