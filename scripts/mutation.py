@@ -11,7 +11,8 @@ that have no result yet (new or changed functions), plus the not-killed ones aga
 one of its test files (or tests/conftest.py, tests/*_helpers.py) changed since the last run.
 
 Score per module: killed / (mutants - equivalent), where timeouts count as killed and "no tests" (a
-function none of the module's tests calls) as survived. Equivalent mutants are listed, each with its
+function none of the module's tests calls) as survived. Every timeout is first run again on its own
+under a wall-clock limit (`recheck_timeouts`): only a mutant whose tests still overrun stays a timeout. Equivalent mutants are listed, each with its
 changed line and a one-line reason, in bench/mutation-equivalent.md; an entry whose mutant a test kills,
 that is gone, or whose line no longer matches is reported as stale (a listed mutant that timed out stays
 equivalent: on a loaded machine a survivor's full test run can overrun mutmut's CPU-time limit).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -39,6 +41,8 @@ EQUIVALENT = ROOT / "bench" / "mutation-equivalent.md"
 # Test files every module's tests may use besides their own: a change in them re-tests the survivors.
 SHARED_TEST_FILES = ("tests/conftest.py", "tests/*_helpers.py")
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+TIMEOUT_CODES = {-24, 24, 36, 152, 255}  # mutmut's exit codes for a run stopped by its CPU-time limit
+RECHECK_SECONDS = 600  # wall-clock limit of a timed-out mutant's run on its own: minutes beyond any clean run
 ENTRY = re.compile(r"^- `(?P<name>[^`]+__mutmut_\d+)`: `(?P<line>[^`]*)` (?P<reason>.+)$")
 
 
@@ -252,7 +256,32 @@ def run_module(module: str, plan: Plan, jobs: int) -> None:
         if again:
             print(f"   module or tests changed: re-testing {len(again)} mutants that were not killed", flush=True)
             mutmut(work, "run", "--max-children", str(jobs), *again)
+    recheck_timeouts(work, module, plan)
     stamp.write_text(current)
+
+
+def recheck_timeouts(work: Path, module: str, plan: Plan) -> None:
+    """Run each mutant that mutmut stopped at its CPU-time limit again on its own, under a wall-clock limit,
+    and record what that run says: failing tests a kill, passing tests a survivor, and only a run that
+    overruns RECHECK_SECONDS stays a timeout. mutmut's limit also fires on survivors (seen on
+    training/checkpoint.py: mutants whose tests pass in 10 s alone were stopped as timeouts), and a
+    timeout counts as killed, so an unchecked one could hide a gap in the tests."""
+    meta_path = work / "mutants" / f"{module}.meta"
+    meta = json.loads(meta_path.read_text())
+    codes = meta["exit_code_by_key"]
+    timeouts = [name for name, code in codes.items() if code in TIMEOUT_CODES]
+    if timeouts:
+        print(f"   re-running {len(timeouts)} timed-out mutants alone, {RECHECK_SECONDS} s wall-clock limit each", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    for name in timeouts:
+        try:
+            done = subprocess.run([sys.executable, "-m", "pytest", *plan.tests[module], "-x", "-q", "-p", "no:cacheprovider"],
+                                  cwd=work / "mutants", env=dict(env, MUTANT_UNDER_TEST=name), capture_output=True,
+                                  timeout=RECHECK_SECONDS)
+        except subprocess.TimeoutExpired:
+            continue
+        codes[name] = 1 if done.returncode else 0
+        meta_path.write_text(json.dumps(meta))  # after each, so that an interrupted re-check keeps what it found
 
 
 def read_equivalent() -> dict[str, tuple[str, str]]:
