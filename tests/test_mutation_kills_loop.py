@@ -960,3 +960,21 @@ def test_the_ema_follows_the_weights_at_the_configured_decay(tmp_path):
         ema = 0.1 * ema + 0.9 * weights
     torch.testing.assert_close(load_weights(folder / "ema.safetensors")["weight"].double(), ema, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(ema, after[-1])  # the EMA lags the weights
+
+
+def test_other_warnings_of_a_schedule_step_come_through():
+    import warnings
+
+    def schedule(s):
+        if s:
+            warnings.warn("from the schedule")
+        return 1.0
+
+    weight = nn.Parameter(torch.zeros(2))
+    weight.grad = torch.ones(2)
+    opt = torch.optim.SGD([weight], lr=1.0)
+    task = types.SimpleNamespace(optimizers={"net": opt}, schedulers={"net": torch.optim.lr_scheduler.LambdaLR(opt, schedule)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop._optimizer_step(task, "net", types.SimpleNamespace(sync_gradients=True, num_processes=1, scaler=None), None)
+    assert [str(w.message) for w in caught] == ["from the schedule"]
