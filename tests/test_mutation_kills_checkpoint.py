@@ -1,7 +1,9 @@
 """Checkpoint behaviour the mutation run (make mutation) found untested: what a folder holds and loads back,
 the exact resume of every RNG stream (each process its own), load errors naming the file, the room a save
 checks for, sharded saves, pruning, and the removal of killed saves' leftovers."""
+import errno
 import logging
+import os
 import random
 import re
 import shutil
@@ -17,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 import training.checkpoint as checkpoint
 from common.cli import RunFailed
+from common.config import ConfigError
 from common.disk import DiskFull
 from common.weights import CheckpointError, load_torch, load_weights, read_metadata, save_torch, save_weights
 from training import EMA, TrainingTask
@@ -264,6 +267,28 @@ def test_a_save_checks_the_room_its_tensors_need_and_names_the_last_good_checkpo
          f"(last good checkpoint: {root / 'step_00000005'})")]
 
 
+def test_a_full_or_read_only_disk_during_a_save_is_one_line_naming_the_folder(tmp_path, monkeypatch):
+    task, ema = _trained()
+    root = tmp_path / "checkpoints"
+
+    def refused(number):
+        def write(obj, path):
+            raise OSError(number, os.strerror(number))
+        return write
+    monkeypatch.setattr(checkpoint, "save_torch", refused(errno.ENOSPC))
+    with pytest.raises(DiskFull, match="^" + re.escape(f"checkpoint of step 3: no space left on the device of {root} (")
+                       + r"\d+\.\d MB free\); " + re.escape(
+                           "free space there or lower train.keep_checkpoints (3), then --resume "
+                           "(last good checkpoint: none)") + "$"):
+        save_checkpoint(CheckpointDir(root), Position(3), task, ema, _accelerator())
+    monkeypatch.setattr(checkpoint, "save_torch", refused(errno.EROFS))
+    with pytest.raises(ConfigError, match="^" + re.escape(
+            f"checkpoint of step 3: cannot write to {root} (Read-only file system); choose a folder you can write to")
+            + "$"):
+        save_checkpoint(CheckpointDir(root), Position(3), task, ema, _accelerator())
+    assert list(root.iterdir()) == []
+
+
 def test_a_non_finite_weight_ema_or_optimizer_value_is_named_and_not_saved(tmp_path):
     for poison, name in [(lambda t, e: t.net[0].weight, "net.0.weight"), (lambda t, e: e.shadow[1].bias, "ema.1.bias"),
                          (lambda t, e: t.optimizers["net"].state[t.net[1].weight]["exp_avg"],
@@ -397,8 +422,11 @@ def test_a_sharded_save_refuses_when_any_process_finds_a_non_finite_shard(tmp_pa
     task, ema = _sharded(seed=0, steps=1)
     with torch.no_grad():
         task.net[0].weight.to_local().view(-1)[0] = float("nan")
+    fake = TwoProcesses()
+    monkeypatch.setattr(checkpoint, "dist", fake)
     with pytest.raises(NonFiniteStateError, match=r"^1 tensors are NaN or infinite at step 3 \(e\.g\. net\.0\.weight\)"):
         save_checkpoint(CheckpointDir(tmp_path), Position(3), task, ema, _accelerator())
+    assert fake.reduced == [[1.0]]  # the others are told
 
     task, ema = _sharded(seed=0, steps=1)
     fake = TwoProcesses(other_failed=True)  # this process's shards are finite, another's are not
