@@ -1,9 +1,11 @@
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from conditioning import CLIPBPETokenizer
 from ldm.schedule import NoiseSchedule, make_betas
@@ -11,6 +13,12 @@ from ldm.schedule import NoiseSchedule, make_betas
 # Hub look-ups hang for minutes on a machine without network; every test runs offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# tqdm guards its bars with one multiprocessing lock shared by every process forked from this one.
+# The mutation runner (make mutation) forks each mutant's tests from one pytest process and kills
+# those that overrun, sometimes while they hold that lock; every later mutant then hangs at its first
+# progress bar. A thread lock is copied, unlocked, into each fork.
+tqdm.set_lock(threading.RLock())
 
 
 @pytest.fixture(scope="session", autouse=True)
