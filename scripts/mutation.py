@@ -42,7 +42,7 @@ EQUIVALENT = ROOT / "bench" / "mutation-equivalent.md"
 SHARED_TEST_FILES = ("tests/conftest.py", "tests/*_helpers.py")
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 TIMEOUT_CODES = {-24, 24, 36, 152, 255}  # mutmut's exit codes for a run stopped by its CPU-time limit
-RECHECK_SECONDS = 600  # wall-clock limit of a timed-out mutant's run on its own: minutes beyond any clean run
+RECHECK_SECONDS = 240  # wall-clock limit of a timed-out mutant's run on its own: 10x the slowest clean run (training/loop.py's tests, ~20 s)
 ENTRY = re.compile(r"^- `(?P<name>[^`]+__mutmut_\d+)`: `(?P<line>[^`]*)` (?P<reason>.+)$")
 
 
