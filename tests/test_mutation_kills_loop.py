@@ -42,6 +42,16 @@ from training.checkpoint import CheckpointDir, Position
 from training.ema import EMA
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_back():
+    """A _Run made here installs its Ctrl-C/SIGTERM handlers; no test leaves them to the next one."""
+    import signal
+    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for number, handler in saved.items():
+        signal.signal(number, handler)
+
+
 class Clock:
     """A stand-in for the loop's clock: it moves only when the task says so."""
 
@@ -162,6 +172,7 @@ def test_two_processes_log_the_mean_of_both_processes_in_float64(tmp_path, monke
     run.meter.count(4)
     run.log_scalars()
     run.writer.close()
+    run.interrupted.restore()
     events = _events(tmp_path / "run" / "tensorboard")
     assert [(e.step, e.value) for e in events.Scalars("one")] == [(3, 2.0)]
     assert [(e.step, e.value) for e in events.Scalars("big")] == [(3, 2.0 ** 23 + 1)]
@@ -178,6 +189,7 @@ def test_one_process_logs_its_own_means_without_a_collective(tmp_path, monkeypat
     run.meter.count(4)
     run.log_scalars()
     run.writer.close()
+    run.interrupted.restore()
     assert [(e.step, e.value) for e in _events(tmp_path / "run" / "tensorboard").Scalars("one")] == [(7, 3.0)]
 
 
