@@ -5,8 +5,8 @@ module's weights, so PEFT adapters, quantized replacements and hooks run as decl
 from layers.attention import (BACKENDS, attention, attention_backend, from_tokens, get_attention_backend, image_view,
                               reference_attention, set_attention_backend, to_tokens)
 from layers.basic import GroupNorm32, SiLU, Upsample, add, silu, zero_module
-from layers.fused import Conv2d, Linear, compile_for_inference, memory_format_of, runs_plain
+from layers.fused import Conv2d, Linear, compile_for_inference, drop_phase_caches, memory_format_of, runs_plain
 
 __all__ = ["BACKENDS", "Conv2d", "GroupNorm32", "Linear", "SiLU", "Upsample", "add", "attention", "attention_backend",
-           "compile_for_inference", "from_tokens", "get_attention_backend", "image_view", "memory_format_of", "reference_attention", "runs_plain",
+           "compile_for_inference", "drop_phase_caches", "from_tokens", "get_attention_backend", "image_view", "memory_format_of", "reference_attention", "runs_plain",
            "set_attention_backend", "silu", "to_tokens", "zero_module"]

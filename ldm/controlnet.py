@@ -25,10 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from torch import Tensor, nn
 
-from common.weights import CheckpointError, load_state_dict_strict, load_weights, read_metadata, save_weights
+from common.tensor_file import TensorFile
+from common.weights import CheckpointError, load_state_dict_strict, read_metadata, save_weights
 from layers import Conv2d, SiLU, zero_module
+from ldm.precision import cast_for_inference
 from ldm.unet import UNetConfig, UNetEncoder, UNetModel
 
 # Widths of the original hint encoder: conv_in to 16, then (same-width conv, widening conv) pairs.
@@ -270,31 +273,43 @@ class ControlNetFile:
 
 
 def load_controlnet(path: str | Path, unet: UNetModel | None = None, latent_factor: int = 8,
-                    device: str | torch.device = "cpu") -> ControlNetFile:
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ControlNetFile:
     """Load a ControlNet file written by `save_controlnet`, or original ControlNet 1.0 / 1.1 weights.
 
     Original files (`.pth` / `.safetensors` with `control_model.*` keys, or the bare keys of
     stand-alone releases) carry no config: the architecture is `unet`'s (the model they control),
     hint_channels is read off the weights and `latent_factor` is the given one (8 for SD). Weights
-    load strictly; a mismatch is a CheckpointError naming the keys.
+    load strictly; a mismatch is a CheckpointError naming the keys. dtype: the net as
+    `ldm.precision.cast_for_inference` leaves it in this dtype (GroupNorms float32), read straight in
+    it, one tensor at a time into a network built without storage (`common.tensor_file.TensorFile`:
+    no float32 copy is made); float32 by default, whatever the file's precision. The U-Net decoder
+    weights come as the file stores them.
     """
     path = Path(path)
-    weights = load_weights(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    tensors = TensorFile(path)
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
-    prefixed = {k[len(CONTROL_PREFIX):]: v for k, v in weights.items() if k.startswith(CONTROL_PREFIX)}
-    state, file_prefix = (prefixed, CONTROL_PREFIX) if prefixed else (weights, "")
-    if "input_hint_block.0.weight" not in state:
+    prefixed = [k for k in tensors.keys() if k.startswith(CONTROL_PREFIX)]
+    file_prefix = CONTROL_PREFIX if prefixed else ""
+    names = {k[len(file_prefix):]: k for k in (prefixed or tensors.keys())}  # the net's key -> the file's
+    if "input_hint_block.0.weight" not in names:
         raise CheckpointError(f"{path}: no ControlNet weights (neither control_model.* nor bare "
                               "input_hint_block.* keys)")
     if meta.get("format") == FILE_FORMAT:
         config = meta["config"]
-        decoder = {k[len(UNET_PREFIX):]: v for k, v in weights.items() if k.startswith(UNET_PREFIX)}
+        decoder = {k[len(UNET_PREFIX):]: tensors.get(k) for k in tensors.keys() if k.startswith(UNET_PREFIX)}
     else:
         if unet is None:
             raise CheckpointError(f"{path}: original ControlNet weights carry no config; pass the U-Net they control")
-        config = controlnet_args(unet.config, int(state["input_hint_block.0.weight"].shape[1]), latent_factor)
+        hint_channels = int(tensors.get(names["input_hint_block.0.weight"]).shape[1])
+        config = controlnet_args(unet.config, hint_channels, latent_factor)
         decoder = {}  # a 1.0 file's model.diffusion_model.* is the whole base model, not a trained decoder
-    net = ControlNet(**config)
+    with init_empty_weights(include_buffers=False):
+        net = ControlNet(**config)
+    cast_for_inference([net], dtype)  # on the meta device: gives each weight its dtype, no storage
+    dtypes = {k: v.dtype for k, v in net.state_dict().items()}
+    state = {k: tensors.get(name, dtypes.get(k)) for k, name in names.items()}
     load_state_dict_strict(net, state, path, what="the ControlNet its config describes",
-                           file_key=lambda k: file_prefix + k)
+                           file_key=lambda k: file_prefix + k, assign=True)
     return ControlNetFile(net.to(device).eval(), decoder, meta)

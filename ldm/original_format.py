@@ -5,29 +5,33 @@ Key layout of an original file: `model.diffusion_model.*` (U-Net), `first_stage_
 `model_ema.*` (EMA U-Net with dots removed from the names), schedule buffers at top level.
 
 Memory: the model is built with its parameters on the meta device (no storage), tensors are read
-one at a time (safetensors `safe_open`, or an mmap'ed `torch.load(weights_only=True)`) and then
-assigned, so an SD-size file never sits in memory twice.
+one at a time (`common.tensor_file.TensorFile`: safetensors' mapping, or an mmap'ed
+`torch.load(weights_only=True)`) and then assigned, so an SD-size file never sits in memory twice.
+A U-Net wanted in another dtype (`unet_dtype`, generate.py --dtype bf16) is read straight in that
+dtype: no float32 copy of it is made, and from a `.safetensors` file none of its float32 pages stays
+resident either.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from autoencoder import AutoencoderConfig, build_autoencoder
 from autoencoder.model_file import FILE_DESCRIPTIONS
 from autoencoder.model_file import FILE_FORMAT as STAGE1_FORMAT
-from common.weights import CheckpointError, load_state_dict_strict, load_torch, read_metadata, save_weights
+from common.tensor_file import TensorFile
+from common.weights import CheckpointError, load_state_dict_strict, read_metadata, save_weights
 from ldm.controlnet import FILE_FORMAT as CONTROLNET_FORMAT
 from ldm.latent_diffusion import FILE_FORMAT as STAGE2_FORMAT
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.original_config import OriginalModelConfig, parse_original_config, write_original_config
+from ldm.precision import cast_for_inference
 
 UNET_PREFIX = "model.diffusion_model."
 AUTOENCODER_PREFIX = "first_stage_model."
@@ -49,52 +53,6 @@ def ema_key(unet_key: str) -> str:
     return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
 
 
-class TensorFile:
-    """Lazy, read-one-tensor-at-a-time view of a `.safetensors` or `.ckpt` weights file."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {self.path}")
-        if self.path.suffix == ".safetensors":
-            try:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-                self._keys = list(self._handle.keys())
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from None
-            self._tensors = None
-        else:
-            self._tensors = _load_pickle(self.path)
-            self._keys = list(self._tensors)
-        self._key_set = set(self._keys)
-
-    def keys(self) -> list[str]:
-        return self._keys
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._key_set
-
-    def get(self, key: str) -> torch.Tensor:
-        if self._tensors is not None:
-            return self._tensors[key]
-        try:
-            return self._handle.get_tensor(key)
-        except Exception as e:  # noqa: BLE001 - a truncated file fails here, with several error types
-            raise CheckpointError(f"{self.path}: tensor {key!r} cannot be read ({e}); is the file truncated?") from None
-
-
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - legacy (non-zip) pickles cannot be mmap'ed; unsafe ones are
-        state = load_torch(path)  # refused by load_torch, with its message
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
 def _fit(value: torch.Tensor, like: torch.Tensor, key: str) -> torch.Tensor:
     """Reshape proj_in/proj_out between 1x1 conv [C, C, 1, 1] (SD 1.x) and Linear [C, C] (SD 2.x)."""
     if value.shape != like.shape and key.endswith(("proj_in.weight", "proj_out.weight")) \
@@ -103,19 +61,20 @@ def _fit(value: torch.Tensor, like: torch.Tensor, key: str) -> torch.Tensor:
     return value
 
 
-def _load_module(module: nn.Module, tensors: TensorFile, names: dict[str, str], dtype: torch.dtype | None,
-                 what: str) -> None:
+def _load_module(module: nn.Module, tensors: TensorFile, names: dict[str, str],
+                 dtype: torch.dtype | Mapping[str, torch.dtype] | None, what: str) -> None:
     """Assign `tensors[names[k]]` to every entry `k` of `module.state_dict()`, strictly.
 
-    `names` maps the module's keys to file keys. Raises CheckpointError naming the first missing
+    `names` maps the module's keys to file keys; floating-point tensors are read as `dtype` (one for
+    all, or per key; None keeps the file's). Raises CheckpointError naming the first missing
     and mis-shaped keys (by their names in the file).
     """
     expected = module.state_dict(keep_vars=True)
     state = {}
     for key, like in expected.items():
         if names[key] in tensors:
-            value = _fit(tensors.get(names[key]), like, key)
-            state[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+            wanted = dtype.get(key) if isinstance(dtype, Mapping) else dtype
+            state[key] = _fit(tensors.get(names[key], wanted), like, key)
     load_state_dict_strict(module, state, tensors.path, what=f"the {what}", file_key=lambda k: names.get(k, k),
                            assign=True, hint="check the config against the file")
 
@@ -142,7 +101,7 @@ def build_empty_model(config: OriginalModelConfig) -> LatentDiffusion:
 
 def load_original_model(checkpoint: str | Path, config: str | Path | dict | OriginalModelConfig,
                         use_ema: bool = False, dtype: torch.dtype | None = torch.float32,
-                        device: str | torch.device = "cpu") -> LatentDiffusion:
+                        device: str | torch.device = "cpu", unet_dtype: torch.dtype | None = None) -> LatentDiffusion:
     """A `LatentDiffusion` from an original `.ckpt` / `.safetensors` and its original YAML.
 
     Args:
@@ -152,6 +111,9 @@ def load_original_model(checkpoint: str | Path, config: str | Path | dict | Orig
         config: path of an original inference YAML, its parsed dict, or an `OriginalModelConfig`.
         use_ema: take the U-Net from `model_ema.*` (CheckpointError when the file has none).
         dtype: floating-point dtype of the loaded weights (None keeps the file's).
+        unet_dtype: the U-Net as `ldm.precision.cast_for_inference` leaves it in this dtype (GroupNorms
+            float32), read straight in it: the same tensors as loading, then casting, without the
+            float32 copy (the module doc). None: the U-Net as `dtype` says.
     Returns the model in eval mode on `device`.
     """
     if not isinstance(config, OriginalModelConfig):
@@ -166,7 +128,11 @@ def load_original_model(checkpoint: str | Path, config: str | Path | dict | Orig
     ae_names = {k: AUTOENCODER_PREFIX + k for k in model.autoencoder.state_dict()}
     text_names = {k: TEXT_PREFIX + k for k in model.text_encoder.state_dict()}
     _check_unexpected(tensors, [unet_names, ae_names, text_names], use_ema, config.control)
-    _load_module(model.unet, tensors, unet_names, dtype, "U-Net")
+    unet_dtypes = dtype
+    if unet_dtype is not None:
+        cast_for_inference([model.unet], unet_dtype)  # on the meta device: gives each weight its dtype, no storage
+        unet_dtypes = {k: v.dtype for k, v in model.unet.state_dict().items()}
+    _load_module(model.unet, tensors, unet_names, unet_dtypes, "U-Net")
     _load_module(model.autoencoder, tensors, ae_names, dtype, "autoencoder")
     _load_module(model.text_encoder, tensors, text_names, dtype, "text encoder")
     if config.scale_by_std and "scale_factor" in tensors:
@@ -360,18 +326,24 @@ def read_model_configs(checkpoint: str | Path, config: str | Path | None = None,
 
 
 def load_model(checkpoint: str | Path, config: str | Path | None = None, use_ema: bool = False,
-               device: str | torch.device = "cpu") -> LatentDiffusion:
+               device: str | torch.device = "cpu", unet_dtype: torch.dtype | None = None) -> LatentDiffusion:
     """A stage-2 file of ours, or an original SD/LDM file with its YAML `config`.
 
     Without `config`, an original file uses the YAML of the same name beside it (as written by
     `export_original`); if there is none, a ValueError asks for one. A file that holds no whole model
-    (a ControlNet, an autoencoder) is a CheckpointError saying what it holds.
+    (a ControlNet, an autoencoder) is a CheckpointError saying what it holds. unet_dtype: the U-Net as
+    `ldm.precision.cast_for_inference` leaves it in that dtype (an original file's is read straight in
+    it: `load_original_model`); None: float32.
     """
     checkpoint = Path(checkpoint)
     if check_model_file(checkpoint) is STAGE2_FILE:
         _check_stage2_options(checkpoint, config, use_ema)
-        return LatentDiffusion.load(checkpoint, device=device)
-    return load_original_model(checkpoint, _original_yaml(checkpoint, config), use_ema=use_ema, device=device)
+        model = LatentDiffusion.load(checkpoint, device=device)
+        if unet_dtype is not None:  # stage-2 files are small: cast after loading
+            cast_for_inference([model.unet], unet_dtype)
+        return model
+    return load_original_model(checkpoint, _original_yaml(checkpoint, config), use_ema=use_ema, device=device,
+                               unet_dtype=unet_dtype)
 
 
 __all__ = ["FileKind", "LatentDiffusionConfig", "OriginalModelConfig", "TensorFile", "check_model_file", "ema_key",

@@ -30,6 +30,7 @@ from PIL import Image
 from autoencoder.tiling import VAE_TILE
 from common.cli import RunFailed
 from common.weights import file_sha256, load_state_dict_strict
+from layers import drop_phase_caches
 from .controlnet import ENCODER_PARTS, Control, ControlNetFile, load_controlnet
 from .denoiser import NoiseLevels
 from .generation import generate_latents
@@ -71,17 +72,22 @@ class Pipeline:
         """Load the weights of checked `files` (see `ModelFiles.read`; `from_file` does both). A ControlNet
         trained with an unlocked U-Net also sets the U-Net's output blocks (at most one may). LoRAs come
         last, so that one merged into those output blocks is not overwritten; one that does not fit the
-        model is a one-line error here, before any step. Then the U-Net and ControlNets are cast to
-        `files.dtype`, once (a merged LoRA is added in float32 before, and so rounded once)."""
+        model is a one-line error here, before any step. The U-Net and ControlNets arrive in `files.dtype`,
+        read straight in it from the files (`ldm.original_format`: no float32 copy is made), except a U-Net
+        that LoRAs are merged into: it loads in float32, the LoRAs are added there and the sum is cast
+        once (rounded once, as a float32 merge exported and loaded would be)."""
         self.files = files
-        self.model = load_model(files.checkpoint, files.config, use_ema=files.ema, device=files.device)
+        self.dtype = torch_dtype(files.dtype)
+        merged = files.lora_merge and bool(files.loras)
+        self.model = load_model(files.checkpoint, files.config, use_ema=files.ema, device=files.device,
+                                unet_dtype=torch.float32 if merged else self.dtype)
         self.checkpoint_sha = file_sha256(files.checkpoint)
         self.controlnets: list[tuple[str, ControlNetFile]] = []
         self.controlnet_shas = [file_sha256(path) for path in files.controlnets]
         decoder_from = None
         for path, sha in zip(files.controlnets, self.controlnet_shas):
             loaded = load_controlnet(path, unet=self.model.unet, latent_factor=self.model.latent_factor,
-                                     device=files.device)
+                                     device=files.device, dtype=self.dtype)
             trained_on = loaded.metadata.get("stage2_sha256")
             if trained_on and trained_on != self.checkpoint_sha:
                 print(f"warning: {path} was trained on another stage-2 model than {files.checkpoint}",
@@ -98,8 +104,7 @@ class Pipeline:
             self.controlnets.append((path, loaded))
         self.loras = load_loras(self.model, files.loras, merge=files.lora_merge,
                                 allow_partial=files.lora_allow_partial, n=lambda key: name_of(names, key))
-        self.dtype = torch_dtype(files.dtype)
-        cast_for_inference([self.model.unet, *(loaded.net for _, loaded in self.controlnets)], self.dtype)
+        cast_for_inference([self.model.unet], self.dtype)  # after a merge; otherwise nothing left to cast
         note = dtype_note(files.dtype, files.device)
         if note:
             print(f"note: {note}", file=sys.stderr)
@@ -233,6 +238,7 @@ class Pipeline:
                 latents = generate_latents(self.model, [prompt] * count, options, seed=options.seed + first,
                                            init_image=plan.init_image, mask=plan.mask, control=controls,
                                            callback=step_callback)
+                self._before_decoding()
                 images = self.model.decode_latents(latents, VAE_TILE if self.files.vae_tiling else None)
             except RuntimeError as e:
                 if not out_of_memory(e):
@@ -243,6 +249,13 @@ class Pipeline:
                 raise RunFailed(f"the images of seeds {options.seed + first}..{options.seed + first + count - 1} "
                                 "came out NaN or infinite; they were not written")
             yield first, to_uint8(images)
+
+    def _before_decoding(self) -> None:
+        """Let go of what sampling keeps and decoding does not use, so that the two do not add up at the
+        decode's peak: the U-Net's upsampling phase weights (`layers.drop_phase_caches`, 0.22 GiB for SD 1.x
+        in float32; computed again at the next batch's first step). The images are the same bytes. (The
+        free heap sampling leaves, 0.37 GiB, the decoder hands back itself: `autoencoder.modules.Decoder`.)"""
+        drop_phase_caches(self.model.unet)
 
 
 def _as_tuple(value) -> tuple:

@@ -82,9 +82,9 @@ def dtype_note(name: str, device: str) -> str | None:
 @torch.no_grad()
 def cast_for_inference(networks: list[nn.Module], dtype: torch.dtype) -> None:
     """Cast each network (a U-Net, a ControlNet) to `dtype` in place, once, except the GroupNorms'
-    parameters, which stay float32 (`layers.GroupNorm32` computes in float32: see the module doc)."""
+    parameters, which stay float32 as they are (`layers.GroupNorm32` computes in float32: see the module
+    doc). Each module's own tensors are cast, so a GroupNorm's are never rounded to `dtype` on the way."""
     for network in networks:
-        network.to(dtype)
         for module in network.modules():
-            if isinstance(module, GroupNorm32):
-                module.float()
+            if not isinstance(module, GroupNorm32):
+                module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
