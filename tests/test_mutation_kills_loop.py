@@ -990,3 +990,22 @@ def test_other_warnings_of_a_schedule_step_come_through():
         warnings.simplefilter("always")
         loop._optimizer_step(task, "net", types.SimpleNamespace(sync_gradients=True, num_processes=1, scaler=None), None)
     assert [str(w.message) for w in caught] == ["from the schedule"]
+
+
+@pytest.mark.parametrize("decay, target", [(None, True), (0.9, False)])
+def test_no_ema_without_a_decay_or_a_target(tmp_path, decay, target):
+    class Task(LoggingTask):
+        def setup(self, accelerator):
+            super().setup(accelerator)
+            if not target:
+                self.ema_target = None
+
+    folder = train(Task(), NoisyRegression(), _cfg(tmp_path, max_steps=1, ema_decay=decay))
+    assert (folder / "net.safetensors").is_file() and not (folder / "ema.safetensors").exists()
+
+
+def test_a_dataset_of_exactly_one_global_batch_is_enough():
+    assert list(EpochKeySampler(4, 4, epoch=0, seed=0)) != []
+    assert len(list(EpochKeySampler(6, 3, epoch=0, seed=0, rank=1, world=2))) == 1
+    with pytest.raises(ValueError, match=r"dataset has 5 samples, fewer than one global batch \(3 x 2\)"):
+        EpochKeySampler(5, 3, epoch=0, seed=0, rank=0, world=2)
