@@ -1009,3 +1009,30 @@ def test_a_dataset_of_exactly_one_global_batch_is_enough():
     assert len(list(EpochKeySampler(6, 3, epoch=0, seed=0, rank=1, world=2))) == 1
     with pytest.raises(ValueError, match=r"dataset has 5 samples, fewer than one global batch \(3 x 2\)"):
         EpochKeySampler(5, 3, epoch=0, seed=0, rank=0, world=2)
+
+
+# --- Resuming a checkpoint of this version: the same order and worker draws (golden values) ---------
+
+class WorkerDraws(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, key):
+        return {"r": torch.randint(0, 10 ** 9, ())}
+
+
+class WorkerDrawsStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([{"r": torch.randint(0, 10 ** 9, ())} for _ in range(2)])
+
+
+def test_epoch_order_and_worker_draws_are_those_checkpoints_of_this_version_expect(tmp_path):
+    """A run saved by this version resumes on the data order and the DataLoader workers' random draws
+    it would have had: values recorded with torch 2.14.1 for seed 5, epoch 2 (a changed seeding
+    formula would silently change the data of every resumed run)."""
+    assert list(EpochKeySampler(12, 3, epoch=2, seed=5)) == [[33, 35, 26], [29, 24, 31], [32, 25, 27], [34, 28, 30]]
+    cfg = _cfg(tmp_path, batch_size=2, num_workers=1, seed=5)
+    draws = [b["r"].tolist() for b in loop._epoch_batches(WorkerDraws(), cfg, Position(epoch=2), _process())]
+    assert draws == [[797915626, 729242791], [753982467, 741962022]]
+    draws = [b["r"].tolist() for b in loop._epoch_batches(WorkerDrawsStream(), cfg, Position(epoch=2), _process())]
+    assert draws == [[797915626, 729242791]]
