@@ -1,6 +1,36 @@
 """Training-loop behaviour the mutation run (make mutation) found untested."""
-import pytest
+import concurrent.futures
+import contextlib
+import io
+import logging
+import random
+import signal
+import sys
+import threading
+import types
+import warnings
+from dataclasses import replace
 
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_training_loop import NoisyRegression
+from torch import nn
+
+import training.loop as loop
+from common.cli import Interrupted
+from common.config import ConfigError
+from common.weights import load_weights
+from training import NonFiniteLossError, TrainConfig, TrainingTask, train
+from training.checkpoint import CheckpointDir, Position
+from training.ema import EMA
+from training.finite import NonFiniteStateError
 from training.loop import EpochKeySampler
 
 
@@ -20,32 +50,9 @@ def test_sampler_length_is_the_batches_it_yields(n, batch_size, world, start, ex
 
 # --- Shared pieces for the tests below --------------------------------------------------------------
 
-import io
-import logging
-import random
-import sys
-import types
-from dataclasses import replace
-
-import numpy as np
-import torch
-import torch.distributed as dist
-from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_training_loop import NoisyRegression
-from torch import nn
-
-import training.loop as loop
-from common.config import ConfigError
-from training import TrainConfig, TrainingTask, train
-from training.checkpoint import CheckpointDir, Position
-from training.ema import EMA
-
-
 @pytest.fixture(autouse=True)
 def _signal_handlers_back():
     """A _Run made here installs its Ctrl-C/SIGTERM handlers; no test leaves them to the next one."""
-    import signal
     saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     yield
     for number, handler in saved.items():
@@ -319,7 +326,6 @@ def test_the_run_config_is_recorded_in_its_own_key_order(tmp_path):
 
 @pytest.fixture
 def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(True)  # the process's accelerate state is fixed to the first precision used
     yield
     AcceleratorState._reset_state(True)
@@ -344,7 +350,6 @@ class Stop(Exception):
 def _accelerator_as(monkeypatch, **properties):
     """Make train() build an Accelerator whose process properties (num_processes, process_index,
     distributed_type) are the given stand-ins."""
-    from accelerate import Accelerator
     made = []
 
     class StandIn(Accelerator):
@@ -382,7 +387,6 @@ def test_each_process_seeds_with_the_seed_plus_its_rank(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
 def test_an_accelerate_fsdp_or_deepspeed_config_is_refused(tmp_path, monkeypatch, kind):
-    from accelerate.utils import DistributedType
     _accelerator_as(monkeypatch, distributed_type=getattr(DistributedType, kind))
     task = LoggingTask()
     with pytest.raises(ConfigError) as caught:
@@ -581,11 +585,9 @@ class TwoProcesses:
     """Two threads as the two processes of a run, and an all-reduce between them (SUM or MAX)."""
 
     def __init__(self):
-        import threading
         self.barrier, self.tensors = threading.Barrier(2, timeout=10), {}
 
     def all_reduce(self, tensor, op=dist.ReduceOp.SUM):
-        import threading
         self.tensors[threading.get_ident()] = tensor.clone()
         self.barrier.wait()
         a, b = self.tensors.values()
@@ -594,7 +596,6 @@ class TwoProcesses:
         tensor.copy_(result)
 
     def run(self, *work):
-        import concurrent.futures
         self.tensors = {}  # by thread: new threads each call
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             return [f.result() for f in [pool.submit(w) for w in work]]
@@ -724,7 +725,6 @@ def test_each_epoch_sees_every_sample_once_under_its_own_keys(tmp_path):
 
 def _two_runs(tmp_path, monkeypatch, tasks, cfgs):
     """A _Run for each of two stand-in processes (threads) on the CPU, joined by TwoProcesses."""
-    import contextlib
     processes = TwoProcesses()
     monkeypatch.setattr(dist, "all_reduce", processes.all_reduce)
     monkeypatch.setattr(loop, "tqdm", Bar)
@@ -756,7 +756,6 @@ def _batch():
 
 
 def test_a_non_finite_loss_on_one_process_stops_both(tmp_path, monkeypatch):
-    from training import NonFiniteLossError
     processes, runs = _two_runs(tmp_path, monkeypatch, [LoggingTask(), NanLoss()], [_cfg(tmp_path)] * 2)
 
     def step(run):
@@ -822,7 +821,6 @@ def test_one_process_out_of_time_stops_and_saves_both(tmp_path, monkeypatch):
 def test_a_non_finite_shard_on_one_process_stops_both(tmp_path, monkeypatch, bad_on):
     """Sharded modules (a stand-in: the run is told its modules are sharded) are checked shard by shard,
     each process its own; a process whose shards are fine names the other's."""
-    from training.finite import NonFiniteStateError
     processes, runs = _two_runs(tmp_path, monkeypatch, [LoggingTask(), LoggingTask()], [_cfg(tmp_path)] * 2)
     for run in runs:
         run.sharded = True
@@ -849,7 +847,6 @@ def test_a_non_finite_shard_on_one_process_stops_both(tmp_path, monkeypatch, bad
 
 
 def test_a_parameter_outside_the_tasks_modules_is_named_by_a_question_mark(tmp_path):
-    from training.finite import NonFiniteStateError
 
     class Stray(LoggingTask):
         def setup(self, accelerator):
@@ -886,7 +883,6 @@ def test_num_workers_loads_in_worker_processes(tmp_path, data):
 
 
 def test_cpu_batches_are_not_pinned(tmp_path):
-    import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(loop._epoch_batches(NoisyRegression(), _cfg(tmp_path, batch_size=4), Position(), _process()))
@@ -907,7 +903,6 @@ def test_sampler_batches_are_full_and_seeded_by_seed_and_epoch():
 
 
 def test_a_step_the_fp16_scaler_skips_still_moves_the_schedule_without_a_warning():
-    import warnings
     weight = nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([weight], lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
@@ -930,20 +925,17 @@ class SignalledEmptyStream(torch.utils.data.IterableDataset):
     """A stream that is stopped (SIGTERM) while it opens and then has nothing to give."""
 
     def __iter__(self):
-        import signal
         signal.raise_signal(signal.SIGTERM)
         return iter([])
 
 
 def test_a_stop_before_the_first_step_saves_step_0_of_a_fresh_run(tmp_path, monkeypatch):
-    from common.cli import Interrupted
     with pytest.raises(Interrupted, match=r"SIGTERM at step 0: saved .*step_00000000; no model exported"):
         train(LoggingTask(), SignalledEmptyStream(), _cfg(tmp_path))
     assert CheckpointDir(tmp_path / "run" / "checkpoints").steps() == [0]
 
 
 def test_a_stop_before_the_first_resumed_step_saves_nothing_new(tmp_path, monkeypatch):
-    from common.cli import Interrupted
     cfg = _cfg(tmp_path, max_steps=2, grad_accum=1)
     train(LoggingTask(), NoisyRegression(), cfg)
     saved = []
@@ -957,7 +949,6 @@ def test_a_stop_before_the_first_resumed_step_saves_nothing_new(tmp_path, monkey
 def test_the_ema_follows_the_weights_at_the_configured_decay(tmp_path):
     """ema_decay 0.1 caps the warm-up decay (1 + n) / (10 + n) from the first update on:
     ema_n = 0.1 * ema_(n-1) + 0.9 * weights_n, from ema_0 = the initial weights."""
-    from common.weights import load_weights
 
     class Recording(LoggingTask):
         def training_step(self, batch, step):
@@ -975,7 +966,6 @@ def test_the_ema_follows_the_weights_at_the_configured_decay(tmp_path):
 
 
 def test_other_warnings_of_a_schedule_step_come_through():
-    import warnings
 
     def schedule(s):
         if s:
