@@ -696,7 +696,7 @@ def test_max_minutes_stops_at_the_first_step_past_the_limit_and_saves_it_once(tm
 def test_max_minutes_saves_a_step_the_schedule_did_not(tmp_path, monkeypatch):
     clock = Clock()
     monkeypatch.setattr(loop, "time", clock)
-    task = LoggingTask(clock, seconds=1.0)
+    task = LoggingTask(clock, seconds=0.76)  # 3.04 s after step 4: just past 0.05 minutes
     last = train(task, NoisyRegression(), _cfg(tmp_path, grad_accum=1, max_steps=100, max_minutes=0.05,
                                                checkpoint_every=3))
     assert last.name == "step_00000004" and CheckpointDir(tmp_path / "run" / "checkpoints").steps() == [3, 4]
@@ -1026,3 +1026,19 @@ def test_epoch_order_and_worker_draws_are_those_checkpoints_of_this_version_expe
     assert draws == [[797915626, 729242791], [753982467, 741962022]]
     draws = [b["r"].tolist() for b in loop._epoch_batches(WorkerDrawsStream(), cfg, Position(epoch=2), _process())]
     assert draws == [[797915626, 729242791]]
+
+
+def test_a_sharded_run_makes_images_on_every_process_and_writes_them_on_the_main_one(tmp_path, monkeypatch):
+    """With sharded modules (a stand-in: every module counts as sharded) each process runs the task's
+    images() (each lends its shards); only the main process writes the grids."""
+    monkeypatch.setattr(loop, "is_sharded", lambda module: True)
+    tasks = [LoggingTask(images={"mid": _constant_images(MID)}) for _ in range(2)]
+    cfgs = [_cfg(tmp_path / str(rank), image_every=1) for rank in range(2)]
+    processes, runs = _two_runs(tmp_path, monkeypatch, tasks, cfgs)
+    try:
+        processes.run(*[lambda r=r: r.finish_step(_batch()) for r in runs])
+    finally:
+        _close(runs)
+    assert [len(task.seen) for task in tasks] == [1, 1]
+    assert [p.name for p in (tmp_path / "0" / "run" / "images").iterdir()] == ["mid_00000001.png"]
+    assert not (tmp_path / "1" / "run" / "images").exists()
