@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoencoder.config import DDConfig
-from common.allocator import trim_heap
 from layers import Conv2d, GroupNorm32, Upsample, add, attention, from_tokens, memory_format_of, silu, to_tokens
 
 
@@ -215,14 +214,8 @@ class Decoder(nn.Module):
         self.conv_out = Conv2d(channels, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # In CPU inference malloc's free heap is handed back before each stage (`common.allocator`): a
-        # level's maps are 4x the last's, too large for the holes the last left in the heap, so those
-        # holes, resident, would add to the peak (0.35 GiB of SD 1.x's 512 px decode after sampling).
-        trim = z.device.type == "cpu" and not torch.is_grad_enabled()
         h = z.contiguous(memory_format=_inference_layout(z))
         for stage in [self.conv_in, self.mid, *(stage for level in reversed(self.up) for stage in level.stages())]:
-            if trim:
-                trim_heap()
             h = stage(h)
         out = self.conv_out(silu(self.norm_out(h)))
         return out.contiguous(memory_format=memory_format_of(z))
