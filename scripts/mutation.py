@@ -43,7 +43,8 @@ SHARED_TEST_FILES = ("tests/conftest.py", "tests/*_helpers.py")
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 TIMEOUT_CODES = {-24, 24, 36, 152, 255}  # mutmut's exit codes for a run stopped by its CPU-time limit
 RECHECK_SECONDS = 240  # wall-clock limit of a timed-out mutant's run on its own: 10x the slowest clean run (training/loop.py's tests, ~20 s)
-ENTRY = re.compile(r"^- `(?P<name>[^`]+__mutmut_\d+)`: `(?P<line>[^`]*)` (?P<reason>.+)$")
+# A changed line holding backticks is quoted in double backticks (Markdown's way): ``a `b` c``.
+ENTRY = re.compile(r"^- `(?P<name>[^`]+__mutmut_\d+)`: (?:``(?P<ticked>.+?)``|`(?P<line>[^`]*)`) (?P<reason>.+)$")
 
 
 @dataclass
@@ -292,7 +293,7 @@ def read_equivalent() -> dict[str, tuple[str, str]]:
     for line in EQUIVALENT.read_text().splitlines():
         match = ENTRY.match(line)
         if match:
-            entries[match["name"]] = (match["line"], match["reason"])
+            entries[match["name"]] = (match["ticked"] or match["line"], match["reason"])
     return entries
 
 
