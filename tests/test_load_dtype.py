@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 from common.allocator import trim_heap
-from autoencoder import modules as autoencoder_modules
 from common import tensor_file
 from common.tensor_file import TensorFile
 from layers import GroupNorm32
 from ldm import Pipeline
+from ldm import pipeline as pipeline_module
 from ldm.controlnet import ControlNet, load_controlnet, save_controlnet
 from ldm.original_format import export_original, load_original_model
 from ldm.precision import cast_for_inference
@@ -203,15 +203,11 @@ def test_cast_keeps_group_norm_parameters_exact():
             assert not torch.equal(value, before[key].to(torch.bfloat16).float()), key  # the test can tell
 
 
-def test_decoder_trims_the_heap_before_each_stage_in_cpu_inference_only(monkeypatch):
-    decoder = tiny_model().autoencoder.decoder
-    calls = []
-    monkeypatch.setattr(autoencoder_modules, "trim_heap", lambda: calls.append(1))
-    z = torch.randn(1, 4, SIZE // 2, SIZE // 2)
-    with torch.no_grad():
-        decoder(z)
-    stages = 2 + sum(len(level.stages()) for level in decoder.up)  # conv_in, mid, then the levels'
-    assert len(calls) == stages
-    calls.clear()
-    decoder(z)  # training: autograd keeps the maps anyway, and the trims would only cost
-    assert calls == []
+def test_pipeline_trims_the_heap_once_per_batch_before_decoding(files, monkeypatch):
+    pipe = Pipeline.from_file(files["fp32"], files["config"])
+    events = []
+    monkeypatch.setattr(pipeline_module, "trim_heap", lambda: events.append("trim"))
+    decode = pipe.model.decode_latents
+    monkeypatch.setattr(pipe.model, "decode_latents", lambda *a, **k: events.append("decode") or decode(*a, **k))
+    list(pipe("a red apple", steps=2, guidance=3.0, seed=0, num_images=3, batch_size=2, size=SIZE))
+    assert events == ["trim", "decode", "trim", "decode"]  # two batches (2 + 1 images); never per decoder stage
