@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from common.tensor_file import TensorFile
 from common.weights import CheckpointError, load_state_dict_strict, read_metadata, save_weights
 from layers import Conv2d, SiLU, zero_module
-from ldm.precision import cast_for_inference
+from ldm.precision import inference_dtypes
 from ldm.unet import UNetConfig, UNetEncoder, UNetModel
 
 # Widths of the original hint encoder: conv_in to 16, then (same-width conv, widening conv) pairs.
@@ -307,8 +307,7 @@ def load_controlnet(path: str | Path, unet: UNetModel | None = None, latent_fact
         decoder = {}  # a 1.0 file's model.diffusion_model.* is the whole base model, not a trained decoder
     with init_empty_weights(include_buffers=False):
         net = ControlNet(**config)
-    cast_for_inference([net], dtype)  # on the meta device: gives each weight its dtype, no storage
-    dtypes = {k: v.dtype for k, v in net.state_dict().items()}
+    dtypes = inference_dtypes(net, dtype)
     state = {k: tensors.get(name, dtypes.get(k)) for k, name in names.items()}
     load_state_dict_strict(net, state, path, what="the ControlNet its config describes",
                            file_key=lambda k: file_prefix + k, assign=True)

@@ -31,7 +31,7 @@ from ldm.controlnet import FILE_FORMAT as CONTROLNET_FORMAT
 from ldm.latent_diffusion import FILE_FORMAT as STAGE2_FORMAT
 from ldm.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.original_config import OriginalModelConfig, parse_original_config, write_original_config
-from ldm.precision import cast_for_inference
+from ldm.precision import cast_for_inference, inference_dtypes
 
 UNET_PREFIX = "model.diffusion_model."
 AUTOENCODER_PREFIX = "first_stage_model."
@@ -128,10 +128,7 @@ def load_original_model(checkpoint: str | Path, config: str | Path | dict | Orig
     ae_names = {k: AUTOENCODER_PREFIX + k for k in model.autoencoder.state_dict()}
     text_names = {k: TEXT_PREFIX + k for k in model.text_encoder.state_dict()}
     _check_unexpected(tensors, [unet_names, ae_names, text_names], use_ema, config.control)
-    unet_dtypes = dtype
-    if unet_dtype is not None:
-        cast_for_inference([model.unet], unet_dtype)  # on the meta device: gives each weight its dtype, no storage
-        unet_dtypes = {k: v.dtype for k, v in model.unet.state_dict().items()}
+    unet_dtypes = dtype if unet_dtype is None else inference_dtypes(model.unet, unet_dtype)
     _load_module(model.unet, tensors, unet_names, unet_dtypes, "U-Net")
     _load_module(model.autoencoder, tensors, ae_names, dtype, "autoencoder")
     _load_module(model.text_encoder, tensors, text_names, dtype, "text encoder")

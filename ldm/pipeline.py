@@ -105,7 +105,8 @@ class Pipeline:
             self.controlnets.append((path, loaded))
         self.loras = load_loras(self.model, files.loras, merge=files.lora_merge,
                                 allow_partial=files.lora_allow_partial, n=lambda key: name_of(names, key))
-        cast_for_inference([self.model.unet], self.dtype)  # after a merge; otherwise nothing left to cast
+        if merged:  # otherwise the U-Net arrived in self.dtype
+            cast_for_inference([self.model.unet], self.dtype)
         note = dtype_note(files.dtype, files.device)
         if note:
             print(f"note: {note}", file=sys.stderr)

@@ -32,8 +32,8 @@ from torch import nn
 
 from layers import GroupNorm32
 
-__all__ = ["AUTO_DTYPE", "DTYPE_NAMES", "DTYPES", "cast_for_inference", "dtype_name", "dtype_note", "resolve_dtype",
-           "torch_dtype"]
+__all__ = ["AUTO_DTYPE", "DTYPE_NAMES", "DTYPES", "cast_for_inference", "dtype_name", "dtype_note", "inference_dtypes",
+           "resolve_dtype", "torch_dtype"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = ("auto", *DTYPES)
@@ -88,3 +88,10 @@ def cast_for_inference(networks: list[nn.Module], dtype: torch.dtype) -> None:
         for module in network.modules():
             if not isinstance(module, GroupNorm32):
                 module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+
+
+def inference_dtypes(network: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """`cast_for_inference(network, dtype)`, then the dtype each state-dict entry has: what a loader
+    reads each tensor of a file as. Meant for a network built on the meta device (no storage to cast)."""
+    cast_for_inference([network], dtype)
+    return {key: value.dtype for key, value in network.state_dict().items()}

@@ -12,8 +12,9 @@ one of its test files (or tests/conftest.py, tests/*_helpers.py) changed since t
 
 Score per module: killed / (mutants - equivalent), where timeouts count as killed and "no tests" (a
 function none of the module's tests calls) as survived. Every timeout is first run again on its own
-under a wall-clock limit (`recheck_timeouts`): only a mutant whose tests still overrun stays a timeout. Equivalent mutants are listed, each with its
-changed line and a one-line reason, in bench/mutation-equivalent.md; an entry whose mutant a test kills,
+under a wall-clock limit (`recheck_timeouts`): only a mutant whose tests still overrun stays a timeout.
+Equivalent mutants are listed, each with its changed line and a one-line reason, in
+bench/mutation-equivalent.md; an entry whose mutant a test kills,
 that is gone, or whose line no longer matches is reported as stale (a listed mutant that timed out stays
 equivalent: on a loaded machine a survivor's full test run can overrun mutmut's CPU-time limit).
 """
@@ -42,7 +43,10 @@ EQUIVALENT = ROOT / "bench" / "mutation-equivalent.md"
 SHARED_TEST_FILES = ("tests/conftest.py", "tests/*_helpers.py")
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 TIMEOUT_CODES = {-24, 24, 36, 152, 255}  # mutmut's exit codes for a run stopped by its CPU-time limit
-RECHECK_SECONDS = 240  # wall-clock limit of a timed-out mutant's run on its own: 10x the slowest clean run (training/loop.py's tests, ~20 s)
+# Wall-clock limit of a timed-out mutant's run on its own: 10x the slowest clean run (training/loop.py's, ~20 s).
+RECHECK_SECONDS = 240
+# One thread (mutants run one at a time beside other work) and no hub look-ups, for mutmut and the re-checks.
+RUN_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 # A changed line holding backticks is quoted in double backticks (Markdown's way): ``a `b` c``.
 ENTRY = re.compile(r"^- `(?P<name>[^`]+__mutmut_\d+)`: (?:``(?P<ticked>.+?)``|`(?P<line>[^`]*)`) (?P<reason>.+)$")
 
@@ -217,8 +221,7 @@ def fingerprint(module: str, plan: Plan) -> str:
 
 
 def mutmut(work: Path, *args: str, capture: bool = False) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, **RUN_ENV)
     done = subprocess.run([sys.executable, "-W", "ignore", "-m", "mutmut", *args], cwd=work, env=env,
                           text=True, capture_output=capture)
     if done.returncode != 0:
@@ -272,13 +275,13 @@ def recheck_timeouts(work: Path, module: str, plan: Plan) -> None:
     codes = meta["exit_code_by_key"]
     timeouts = [name for name, code in codes.items() if code in TIMEOUT_CODES]
     if timeouts:
-        print(f"   re-running {len(timeouts)} timed-out mutants alone, {RECHECK_SECONDS} s wall-clock limit each", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        print(f"   re-running {len(timeouts)} timed-out mutants alone, {RECHECK_SECONDS} s wall-clock limit each",
+              flush=True)
+    tests = [sys.executable, "-m", "pytest", *plan.tests[module], "-x", "-q", "-p", "no:cacheprovider"]
     for name in timeouts:
         try:
-            done = subprocess.run([sys.executable, "-m", "pytest", *plan.tests[module], "-x", "-q", "-p", "no:cacheprovider"],
-                                  cwd=work / "mutants", env=dict(env, MUTANT_UNDER_TEST=name), capture_output=True,
-                                  timeout=RECHECK_SECONDS)
+            done = subprocess.run(tests, cwd=work / "mutants", env=dict(os.environ, **RUN_ENV, MUTANT_UNDER_TEST=name),
+                                  capture_output=True, timeout=RECHECK_SECONDS)
         except subprocess.TimeoutExpired:
             continue
         codes[name] = 1 if done.returncode else 0
