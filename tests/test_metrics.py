@@ -441,6 +441,7 @@ def test_autoencoder_evaluate_parts(tmp_path, monkeypatch):
     with torch.no_grad():
         assert codes is None and torch.equal(recon, kl.decode(kl.encode(x).mode()))  # deterministic: the mean
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no backbone weights anywhere
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and no download
     lpips, note = _try_lpips("vgg", None, "cpu")
     assert lpips is None and "vgg16-397923af.pth" in note and "--lpips-path" in note
 
