@@ -27,7 +27,8 @@ from torch import nn
 
 from tqdm import tqdm
 
-from common.weights import atomic_write, load_state_dict_strict, load_torch
+from common.network import hub_offline
+from common.weights import atomic_write, first_line, load_state_dict_strict, load_torch
 from metrics.fid import load_inception
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,12 @@ def _backbone_path(net: str, path: str | Path | None) -> Path:
     name = BACKBONE_FILES[net]
     why = "none were found"
     if path is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        if not offline:
+        if not hub_offline():
             try:
                 download_backbone(net, resolved)
                 return resolved
             except (OSError, ValueError, http.client.HTTPException) as e:
-                why = f"the download failed ({_first_line(e)})"
+                why = f"the download failed ({first_line(e)})"
         else:
             why = "HF_HUB_OFFLINE is set, so it was not downloaded"
     raise FileNotFoundError(
@@ -69,11 +69,6 @@ def _backbone_path(net: str, path: str | Path | None) -> Path:
         f"Place the file (from {DOWNLOAD_URL}{name}) in $TORCH_HOME/hub/checkpoints/, or give its path "
         f"as loss.lpips_path, or set loss.perceptual_weight: 0 to train without the perceptual loss."
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 DOWNLOAD_TIMEOUT = 30  # seconds without data before a download gives up (a blocked network can stall forever)

@@ -208,10 +208,15 @@ def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> An
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for unsafe or corrupt pickles
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: refused or unreadable (only safetensors or plain-tensor pickles are loaded): {first}"
+            f"{path}: refused or unreadable (only safetensors or plain-tensor pickles are loaded): {first_line(e)}"
         ) from None
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:

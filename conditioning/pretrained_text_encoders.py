@@ -20,14 +20,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
-from common.weights import load_state_dict_strict, load_weights
+from common.network import hub_offline
+from common.weights import first_line, load_state_dict_strict, load_weights
 
 from .text_encoders import TextEncoder
 from .tokenizer import CONTEXT_LENGTH, END_OF_TEXT_ID, VOCAB_SIZE, CLIPBPETokenizer, warn_truncated
@@ -50,13 +50,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _offline_hint() -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    return " (HF_HUB_OFFLINE is set)" if offline else ""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return " (HF_HUB_OFFLINE is set)" if hub_offline() else ""
 
 
 PACKAGE_PREFIX = "package:"
@@ -110,7 +104,7 @@ def load_hf_pretrained(loader, name_or_path: str, what: str, **kwargs):
             with _no_progress_bars():
                 loaded = loader.from_pretrained(str(path), local_files_only=True, **kwargs)
         except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"{what}: cannot load from folder {path}: {_first_line(e)}") from None
+            raise FileNotFoundError(f"{what}: cannot load from folder {path}: {first_line(e)}") from None
     elif path.exists():
         raise FileNotFoundError(f"{what}: expected a Hugging Face model folder, got the file {path}")
     elif _looks_like_path(name_or_path):
@@ -122,7 +116,7 @@ def load_hf_pretrained(loader, name_or_path: str, what: str, **kwargs):
             raise FileNotFoundError(
                 f"{what}: '{name_or_path}' is neither a local folder nor downloadable from the Hugging Face hub"
                 f"{_offline_hint()}; save it to a folder where there is a network and pass that folder "
-                f"({_first_line(e)})"
+                f"({first_line(e)})"
             ) from None
     if not is_model:
         return loaded
@@ -297,7 +291,7 @@ class FrozenOpenCLIPTextEncoder(TextEncoder):
         except (OSError, RuntimeError) as e:
             raise FileNotFoundError(
                 f"cannot download open_clip weights '{pretrained}' for {arch}{_offline_hint()}; pass a local "
-                f"checkpoint file instead ({_first_line(e)})"
+                f"checkpoint file instead ({first_line(e)})"
             ) from None
         del model.visual
         return model
