@@ -26,6 +26,7 @@ from common.weights import load_weights
 from data import DataConfig, build_dataset
 from training import TrainConfig, TrainingTask, ema_weights, train
 from training.cli import check_adam, export_errors, is_main_process, start_run, train_parser
+from training.optimizers import adam
 
 log = logging.getLogger("train_stage1")
 
@@ -70,9 +71,9 @@ class AutoencoderTask(TrainingTask):
         self.loss.to(self.device).train()
         betas = tuple(self.cfg.optim.betas)
         # The original left the learned logvar out of the optimizer; here it trains with the autoencoder.
-        opt_ae = torch.optim.Adam([*self.autoencoder.parameters(), *self.loss.autoencoder_parameters()],
-                                  lr=self.cfg.optim.lr, betas=betas)
-        opt_disc = torch.optim.Adam(self.loss.discriminator_parameters(), lr=self.cfg.optim.lr, betas=betas)
+        opt_ae = adam([*self.autoencoder.parameters(), *self.loss.autoencoder_parameters()], lr=self.cfg.optim.lr,
+                      betas=betas)
+        opt_disc = adam(self.loss.discriminator_parameters(), lr=self.cfg.optim.lr, betas=betas)
         opt_ae, opt_disc = accelerator.prepare(opt_ae, opt_disc)
         self.modules = {"autoencoder": self.autoencoder, "loss": self.loss}
         self.optimizers = {"autoencoder": opt_ae, "discriminator": opt_disc}

@@ -39,6 +39,7 @@ from training import TrainConfig, TrainingTask, ema_weights, eval_mode, train
 from training.dreambooth import (CLASS_KEY_OFFSET, DreamBoothConfig, check_dreambooth, combine_losses,
                                  dreambooth_dataset)
 from training.lora import LoRAAdapters, LoRAConfig
+from training.optimizers import adam
 from training.cli import check_adam, export_errors, is_main_process, main_process_first, start_run, train_parser
 
 log = logging.getLogger("train_stage2")
@@ -116,8 +117,8 @@ class LatentDiffusionTask(TrainingTask):
         self.trainable.train()
         if self.adapters is not None:
             self.adapters.train_parts()
-        opt = torch.optim.AdamW([p for p in self.trainable.parameters() if p.requires_grad], lr=self.cfg.optim.lr,
-                                betas=tuple(self.cfg.optim.betas), weight_decay=self.cfg.optim.weight_decay)
+        opt = adam([p for p in self.trainable.parameters() if p.requires_grad], decoupled_weight_decay=True,
+                   lr=self.cfg.optim.lr, betas=tuple(self.cfg.optim.betas), weight_decay=self.cfg.optim.weight_decay)
         warmup = max(1, self.cfg.optim.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
         self.optimizers = {"unet": accelerator.prepare(opt)}

@@ -8,10 +8,11 @@ weights. Every case reports max |ours - diffusers| of its output. Timed calls al
 sides run by run so both see the same machine load; diffusers runs in NCHW and in channels_last.
 The speed-up is the median over runs of each diffusers call's time over that of ours just before it
 (paired, so drift in this shared machine's speed during a run cancels), the smaller of the two
-layouts' (the training step: NCHW only, ratio of medians). Denormals are flushed to zero on both
-sides. Each case runs in a fresh process, so no allocator or oneDNN kernel-cache state carries over
-from the one before. The training step runs one side at a time and frees its gradients and AdamW
-state before the other side starts (an SD 1.x step needs 13 GiB).
+layouts'. Denormals are flushed to zero on both sides. Each case runs in a fresh process, so no
+allocator or oneDNN kernel-cache state carries over from the one before. The training step (fused
+AdamW on both sides; `--precision bf16`: both in bf16 autocast) is paired like the rest at tiny and
+small; at SD 1.x it runs one side at a time and frees its gradients and AdamW state before the other
+side starts (a step needs 13 GiB), and the speed-up is a ratio of medians.
 
 Peak memory (`--memory`): each case runs again in a fresh subprocess with glibc's mmap threshold
 fixed at 64 KiB (freed tensors leave the resident set at once instead of staying in malloc's heap).
@@ -63,7 +64,7 @@ from ldm.unet import UNetModel  # noqa: E402
 
 CASES = ("unet", "vae", "sampling", "train")
 CASE_CONFIGS = {"unet": ("tiny", "small", "sd1"), "vae": ("tiny", "sd1"), "sampling": ("tiny", "sd1"),
-                "train": ("tiny", "sd1")}
+                "train": ("tiny", "small", "sd1")}
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 
 # Autoencoders: tiny = the built-in emoji model's kl-f4 (configs/autoencoder/kl-f4-emoji64.yaml),
@@ -74,8 +75,9 @@ VAE_CONFIGS = {
 }
 # Sampling and training reuse the U-Net configs. (prompts, latent side, DDIM steps) and (batch, side).
 SAMPLING = {"tiny": (4, 16, 20), "sd1": (1, 32, 10)}
-TRAINING = {"tiny": (8, 16), "sd1": (1, 32)}
+TRAINING = {"tiny": (8, 16), "small": (2, 32), "sd1": (1, 32)}
 GUIDANCE = 7.5
+PRECISION = "fp32"  # of the training step: --precision
 
 
 @dataclass
@@ -222,6 +224,12 @@ def sampling_case(name: str, compile_ours: bool = False) -> Case:
 
 
 def train_case(name: str, compile_ours: bool = False) -> Case:  # compile_ours: inference only, ignored
+    """One optimizer step of eps-MSE training. Ours as train_stage2.py runs it (`Diffusion.training_losses`,
+    `training.optimizers.adam`: fused AdamW); diffusers' as its train_text_to_image.py, in NCHW and in
+    channels_last, with the fused AdamW too (its best setting). Under `--precision bf16` both sides run
+    in bf16 autocast, as `train.mixed_precision=bf16` and accelerate's `--mixed_precision bf16` do."""
+    from training.optimizers import adam
+
     ours, twin, params = unet_pair(name)
     batch, side = TRAINING[name]
     context_len = UNET_CONFIGS[name][3]
@@ -236,28 +244,39 @@ def train_case(name: str, compile_ours: bool = False) -> Case:  # compile_ours: 
     t = torch.randint(0, 1000, (batch,), generator=generator)
     context = torch.randn(batch, context_len, params["context_dim"], generator=generator)
     optimizers: dict[str, torch.optim.Optimizer] = {}
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISION == "bf16")  # noqa: E731
 
-    def step(side_name: str, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        # Both models share their weight tensors; one AdamW at a time holds gradients and moments.
-        if side_name not in optimizers:
-            optimizers[side_name] = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        loss = loss_fn()
+    def step(key: str, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in optimizers:  # (channels_last gives diffusers' model weights of its own)
+            optimizers[key] = adam(model.parameters(), decoupled_weight_decay=True, lr=1e-5)
+        with autocast():
+            loss = loss_fn()
         loss.backward()
-        optimizers[side_name].step()
-        optimizers[side_name].zero_grad(set_to_none=True)
+        optimizers[key].step()
+        optimizers[key].zero_grad(set_to_none=True)
         return loss.detach()
 
     ours_loss = lambda: diffusion.training_losses(  # noqa: E731
         ours, x0, {"context": context}, t=t, noise=noise)["loss"].mean()
-    theirs_loss = lambda: F.mse_loss(twin(noiser.add_noise(x0, noise, t), t, context).sample, noise)  # noqa: E731
+
+    def theirs_loss(model: torch.nn.Module, memory_format: torch.memory_format) -> torch.Tensor:
+        noisy = noiser.add_noise(x0, noise, t).contiguous(memory_format=memory_format)
+        return F.mse_loss(model(noisy, t, context).sample.float(), noise)
 
     def compare() -> float:  # the loss at the initial weights, through each side's training path
-        return (ours_loss() - theirs_loss()).abs().item()
+        with autocast():
+            return (ours_loss() - theirs_loss(twin, torch.contiguous_format)).abs().item()
 
-    return Case(f"training step (eps-MSE forward + backward + AdamW), batch {batch}, {side}x{side} latents",
-                lambda: step("ours", ours, ours_loss), lambda layout: (lambda: step("theirs", twin, theirs_loss)),
-                layouts=("NCHW",), compare=compare, release=lambda side_name: optimizers.pop(side_name, None),
-                sequential=True)
+    def theirs(layout: str):
+        model = in_layout(twin, layout)
+        return lambda: step(layout, model, lambda: theirs_loss(model, LAYOUTS[layout]))
+
+    def release(side_name: str) -> None:
+        for key in [k for k in optimizers if (k == "ours") == (side_name == "ours")]:
+            del optimizers[key]
+    return Case(f"training step (eps-MSE forward + backward + fused AdamW, {PRECISION}), batch {batch}, "
+                f"{side}x{side} latents", lambda: step("ours", ours, ours_loss), theirs, compare=compare,
+                release=release, sequential=name == "sd1")
 
 
 BUILDERS = {"unet": unet_case, "vae": vae_case, "sampling": sampling_case, "train": train_case}
@@ -301,7 +320,8 @@ def working_memory(fn: Callable[[], object]) -> float:
 def probe_memory(case_name: str, config: str) -> dict[str, float]:
     """Working memory of each side (MiB), measured in a fresh subprocess (see the module docstring)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    command = [sys.executable, __file__, "--probe-memory", case_name, config, "--threads", str(torch.get_num_threads())]
+    command = [sys.executable, __file__, "--probe-memory", case_name, config, "--threads", str(torch.get_num_threads()),
+               "--precision", PRECISION]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -408,15 +428,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "sd1"],
-                        help="configs to run (each case runs those it has: vae, sampling, train have no 'small')")
+                        help="configs to run (each case runs those it has: vae and sampling have no 'small')")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per side and layout")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--cpu-time", action="store_true", help="time with the main thread's CPU clock")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours through layers.compile_for_inference (U-Net, sampling)")
     parser.add_argument("--memory", action="store_true", help="also measure working memory in subprocesses")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the training step's precision on both sides (bf16: autocast)")
     parser.add_argument("--probe-memory", nargs=2, metavar=("CASE", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global PRECISION
+    PRECISION = args.precision
     if args.threads:
         torch.set_num_threads(args.threads)
     # Denormal floats (random weights make some) slow both sides' CPU kernels unevenly: measured

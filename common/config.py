@@ -207,6 +207,8 @@ def _convert(hint: Any, value: Any, source: str, dotted: str) -> Any:
             raise ConfigError(f"{source}: '{dotted}' must be a mapping, got {value!r}")
         return dict(value)
     if origin is typing.Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads an unquoted no as false
+            value = "no"
         if value not in args:
             raise ConfigError(f"{source}: '{dotted}' must be one of {list(args)}, got {value!r}")
         return value

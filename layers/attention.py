@@ -2,8 +2,10 @@
   - "sdpa": `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels).
   - "xformers": `xformers.ops.memory_efficient_attention` (CUDA only).
   - "reference": softmax(Q K^T / sqrt(d)) V written out, for tests (and short contexts, below).
-  - "auto" (default): xformers for CUDA tensors when it is installed, sdpa otherwise; in CPU
-    float32 inference, attention over a short context (text tokens) is written out instead.
+  - "auto" (default): xformers for CUDA tensors when it is installed, sdpa otherwise. On CPU
+    (`cpu_kernel`) attention over a short context (text tokens, small feature maps) is written out
+    instead, in inference (float32) and in training; training in bf16 / fp16 writes out attention over
+    small feature maps too, and runs sdpa in float32 over larger ones.
 Token tensors are [B, L, H, D] (batch, length, heads, head width), any strides.
 """
 from __future__ import annotations
@@ -26,6 +28,8 @@ _backend = "auto"
 SHORT_CONTEXT_MAX_KEYS = 96
 SHORT_CONTEXT_MAX_HEAD_DIM = 64
 SHORT_CONTEXT_MAX_SCORES = 2**18
+# In training the written-out path keeps a sample's scores for the backward pass: at most this many.
+TRAINING_MAX_SCORES = 2**19
 
 try:  # optional dependency (pip extra "xformers"); it only has CUDA kernels
     import xformers.ops as _xops
@@ -60,15 +64,18 @@ def attention_backend(name: str) -> Iterator[None]:
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) V written out, in float32. q: [B, Lq, H, D], k, v: [B, Lk, H, D] -> [B, Lq, H, D].
+    """softmax(Q K^T / sqrt(d)) V written out, in float32 (under bf16 / fp16 autocast the products and the
+    probabilities in that dtype, torch's softmax summing in float32). q: [B, Lq, H, D], k, v: [B, Lk, H, D]
+    -> [B, Lq, H, D] in q's dtype.
 
     The inputs are copied head-major ([B, H, L, D], contiguous) first, so every (sample, head) product
     is one item of a batched matmul laid out alike at any batch size: a strided batch of one would
     otherwise take another kernel than the copied batch of several.
     """
+    dtype = q.dtype
     q, k, v = (t.transpose(1, 2).float().contiguous() for t in (q, k, v))
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
-    return torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).to(q.dtype)
+    return torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).to(dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -78,12 +85,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """
     backend = _backend
     if backend == "auto":
-        if short_context_on_cpu(q, k):
-            return short_context_attention(q, k, v)
+        kernel = cpu_kernel(q, k) if q.device.type == "cpu" else None
+        if kernel == "written-out":
+            return short_context_attention(q, k, v) if not torch.is_grad_enabled() else reference_attention(q, k, v)
+        if kernel == "sdpa-float32":
+            return _sdpa(q.float(), k.float(), v.float()).to(q.dtype)
         backend = "xformers" if _xops is not None and q.is_cuda else "sdpa"
     if backend == "sdpa":
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2)
+        return _sdpa(q, k, v)
     if backend == "xformers":
         if not q.is_cuda:
             raise ValueError("attention backend 'xformers' needs CUDA tensors; use 'sdpa' on CPU")
@@ -91,16 +100,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return reference_attention(q, k, v)
 
 
-def short_context_on_cpu(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether "auto" writes attention out: CPU float32 inference over a short context."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def cpu_kernel(q: torch.Tensor, k: torch.Tensor) -> str:
+    """What "auto" runs on CPU tensors q: [B, Lq, H, D], k: [B, Lk, H, D]: "written-out", "sdpa-float32"
+    or "sdpa". Chosen by measurement (bench/RESULTS.md, "Training step"); never by the batch size."""
     # With few keys the flash kernel's per-block work dominates the two matmuls and a softmax;
     # larger score matrices cost more in fresh allocations than they save. torch.compile traces
     # SDPA instead, which inductor lowers to its own kernel.
-    _, queries, heads, _ = q.shape
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and k.shape[1] <= SHORT_CONTEXT_MAX_KEYS
-            and q.shape[-1] <= SHORT_CONTEXT_MAX_HEAD_DIM
-            and heads * queries * k.shape[1] <= SHORT_CONTEXT_MAX_SCORES)
+    if torch.compiler.is_compiling():
+        return "sdpa"
+    _, queries, heads, head_dim = q.shape
+    scores = heads * queries * k.shape[1]  # one sample's
+    short = k.shape[1] <= SHORT_CONTEXT_MAX_KEYS and head_dim <= SHORT_CONTEXT_MAX_HEAD_DIM
+    if not torch.is_grad_enabled():
+        return "written-out" if short and q.dtype == torch.float32 and scores <= SHORT_CONTEXT_MAX_SCORES else "sdpa"
+    if q.dtype == torch.float32:
+        return "written-out" if short and scores <= TRAINING_MAX_SCORES else "sdpa"
+    # Training in bf16 / fp16: torch's CPU flash attention (forward + backward) measured up to 5x slower
+    # than in float32 there, and the written-out products faster than either up to these score counts.
+    return "written-out" if head_dim <= SHORT_CONTEXT_MAX_HEAD_DIM and scores <= TRAINING_MAX_SCORES else "sdpa-float32"
 
 
 def short_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

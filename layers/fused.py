@@ -22,7 +22,8 @@ batch, and each kernel gives a row the same result for any number of rows it is 
 
 `Conv2d.upsampled(x)` computes `conv(nearest_2x(x))` for a 3x3 conv without building the
 upsampled image: the 3x3 taps fold into one 2x2 kernel per output phase, run on the
-low-resolution input (16 instead of 36 multiply-adds per output and input channel).
+low-resolution input (16 instead of 36 multiply-adds per output and input channel); in CPU
+training too, through differentiable ops.
 
 An owner module may call such a fused method instead of calling the module only while
 `runs_plain(module)` holds: the module is exactly one of these classes and nothing hooks it. A
@@ -151,12 +152,17 @@ class Conv2d(nn.Conv2d):
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
         """self(nearest_upsample_2x(x)). x: [B, I, H, W] -> [B, O, 2H, 2W] in x's memory format.
 
-        A 3x3, padding-1, stride-1 conv in CPU inference runs one 2x2 conv with 4 O output
-        channels on x itself and interleaves its four phases into the output; anything else runs
-        the two ops as written.
+        A 3x3, padding-1, stride-1 conv on CPU runs one 2x2 conv with 4 O output channels on x
+        itself and interleaves its four phases into the output: in inference with oneDNN's kernel,
+        in training (autograd) with the plain differentiable ops, 1.1-1.8x faster forward + backward
+        than upsampling first (bench/RESULTS.md, "Training step"). Anything else runs the two ops as
+        written.
         """
-        if not (self._onednn_ok(x) and self.kernel_size == (3, 3) and self.padding == (1, 1)
-                and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1):
+        foldable = (self.kernel_size == (3, 3) and self.padding == (1, 1) and self.stride == (1, 1)
+                    and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros")
+        if foldable and x.is_cpu and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._folded_differentiable(x)
+        if not (foldable and self._onednn_ok(x)):
             return super().forward(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         b, _, height, width = x.shape
         out_channels = self.out_channels
@@ -171,6 +177,15 @@ class Conv2d(nn.Conv2d):
             for c in (0, 1):
                 out_phases[:, :, :, a, :, c] = y[:, a, c, :, a:a + height, c:c + width]
         return out
+
+    def _folded_differentiable(self, x: torch.Tensor) -> torch.Tensor:
+        """`upsampled` through autograd's ops: the phase weights are computed from the weight at each call."""
+        b, _, height, width = x.shape
+        bias = None if self.bias is None else self.bias.repeat(4)
+        y = F.conv2d(x, upsample_phase_weights(self.weight), bias, padding=1).unflatten(1, (2, 2, self.out_channels))
+        rows = [torch.stack([y[:, a, c, :, a:a + height, c:c + width] for c in (0, 1)], dim=-1) for a in (0, 1)]
+        out = torch.stack(rows, dim=3).reshape(b, self.out_channels, 2 * height, 2 * width)  # [B, O, H, 2, W, 2]
+        return out.contiguous(memory_format=memory_format_of(x))
 
     def _phase_weights(self) -> torch.Tensor:
         """`upsample_phase_weights(self.weight)`, kept until the weight's data changes (new storage or

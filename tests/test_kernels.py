@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from autoencoder.config import DDConfig
 from autoencoder.kl import AutoencoderKL
 from layers import Conv2d, attention
-from layers.attention import short_context_on_cpu as _short_context_on_cpu
+from layers.attention import cpu_kernel
 from ldm.unet import UNetModel
 
 TINY_VAE = DDConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=16, norm_num_groups=8)
@@ -127,9 +128,48 @@ def test_folded_upsample_conv_follows_weight_updates_and_keeps_gradients():
     with torch.inference_mode():  # weights made in inference mode have no version counter
         fresh = Conv2d(4, 4, 3, padding=1, bias=False)
         torch.testing.assert_close(fresh.upsampled(x), upsample_then_conv(x, fresh.weight, None), atol=1e-5, rtol=1e-5)
-    out = conv.upsampled(x.requires_grad_())  # training: the plain ops
+    out = conv.upsampled(x.requires_grad_())  # training: folded through autograd's ops
     out.square().sum().backward()
     assert conv.weight.grad is not None and x.grad.shape == x.shape
+
+
+class ConvShapes(TorchFunctionMode):
+    """Records the weight shape of every F.conv2d call."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.conv2d:
+            self.shapes.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_folded_upsample_conv_in_training_matches_upsampling_then_conv_in_value_and_gradients(precision):
+    """Training runs the fold (one 2x2 conv with 4x the output channels) through autograd: the output and
+    the gradients of input, weight and bias are those of upsampling then convolving in float32 (bf16
+    autocast: to 2% of each tensor's largest value)."""
+    generator = torch.Generator().manual_seed(4)
+    conv = Conv2d(6, 10, 3, padding=1)
+    x = torch.randn(2, 6, 5, 7, generator=generator)
+    grad_out = torch.randn(2, 10, 10, 14, generator=generator)
+    results = []
+    for fold in (True, False):
+        conv.zero_grad()
+        leaf = x.clone().requires_grad_()
+        autocast = fold and precision == "bf16"  # the reference: float32
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), ConvShapes() as convs:
+            out = conv.upsampled(leaf) if fold else conv(F.interpolate(leaf, scale_factor=2.0, mode="nearest"))
+        assert convs.shapes == [(40, 6, 2, 2) if fold else (10, 6, 3, 3)]
+        out.float().backward(grad_out)
+        results.append([out.float(), leaf.grad, conv.weight.grad.clone(), conv.bias.grad.clone()])
+    for folded, plain in zip(*results):
+        if precision == "fp32":
+            torch.testing.assert_close(folded, plain, atol=2e-5, rtol=1e-5)
+        else:
+            assert (folded - plain).abs().max() <= 0.02 * plain.abs().max()
 
 
 def test_short_context_attention_matches_sdpa():
@@ -137,9 +177,41 @@ def test_short_context_attention_matches_sdpa():
     q = torch.randn(2, 12, 3, 8, generator=generator)  # [B, L, H, D]
     k, v = (torch.randn(2, 5, 3, 8, generator=generator) for _ in range(2))
     with torch.no_grad():
-        assert _short_context_on_cpu(q, k)  # the written-out path
+        assert cpu_kernel(q, k) == "written-out"
         sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         torch.testing.assert_close(attention(q, k, v), sdpa, atol=1e-6, rtol=1e-5)
         long_k = torch.randn(2, 200, 3, 8, generator=generator)
-        assert not _short_context_on_cpu(q, long_k)
-    assert not _short_context_on_cpu(q, k)  # autograd: the SDPA path
+        assert cpu_kernel(q, long_k) == "sdpa"
+        assert cpu_kernel(q.bfloat16(), k.bfloat16()) == "sdpa"  # bf16 inference: torch's kernel
+
+
+def _sdpa_reference(q, k, v):
+    return F.scaled_dot_product_attention(*(t.double().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+
+@pytest.mark.parametrize("queries, keys, kernel", [
+    (12, 5, {"fp32": "written-out", "bf16": "written-out"}),  # a text context
+    (12, 200, {"fp32": "sdpa", "bf16": "written-out"}),  # a small feature map's self-attention
+    (12 * 1024, 200, {"fp32": "sdpa", "bf16": "sdpa-float32"}),  # a large one
+])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_attention_matches_sdpa_in_value_and_gradient(queries, keys, kernel, precision):
+    """Each of training's kernels (written out, SDPA, SDPA in float32 for bf16) gives attention and its
+    input gradients: against float64 SDPA."""
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(1, queries, 3, 8, generator=generator)
+    k, v = (torch.randn(1, keys, 3, 8, generator=generator) for _ in range(2))
+    grad_out = torch.randn(q.shape, generator=generator)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert cpu_kernel(*(t.to(dtype) for t in leaves[:2])) == kernel[precision]
+    out = attention(*(t.to(dtype) for t in leaves))
+    assert out.dtype == dtype
+    out.float().backward(grad_out)
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    reference = _sdpa_reference(*exact)
+    reference.backward(grad_out.double())
+    tolerance = dict(atol=3e-2, rtol=3e-2) if precision == "bf16" else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.double(), reference, **tolerance)
+    for leaf, exact_leaf in zip(leaves, exact):
+        torch.testing.assert_close(leaf.grad.double(), exact_leaf.grad, **tolerance)

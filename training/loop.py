@@ -45,6 +45,7 @@ from training.checkpoint import CheckpointDir, Position, load_checkpoint, save_c
 from training.ema import EMA
 from training.finite import NonFiniteLossError, NonFiniteStateError, nonfinite
 from training.interrupt import InterruptFlag
+from training.precision import resolve_mixed_precision
 from training.sharding import is_sharded, local_views, shard_task, shardable_modules
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class TrainConfig:
     max_steps: int = 1000
     max_minutes: float | None = None  # also stop (and save) after this much wall time, e.g. for benchmarks
     grad_accum: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"  # auto: training.precision
     grad_clip: float | None = 1.0
     ema_decay: float | None = None
     seed: int = 0
@@ -133,13 +134,17 @@ def train(task: TrainingTask, dataset: Dataset, cfg: TrainConfig, resume: bool =
     really started: after its model is built and a --resume has loaded, never for a rejected config.
     A Ctrl-C or SIGTERM saves the step reached and raises `Interrupted`.
     """
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_mixed_precision(cfg.mixed_precision, device_type)
+    if cfg.mixed_precision == "auto":
+        log.info("train.mixed_precision=auto: %s on %s", "bf16" if precision == "bf16" else "float32", device_type)
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun) then join over gloo
+        cpu=device_type == "cpu",  # several CPU processes (torchrun) then join over gloo
         gradient_accumulation_steps=cfg.grad_accum,
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=precision,
         step_scheduler_with_optimizer=False,
     )
-    if cfg.mixed_precision == "fp16" and accelerator.scaler is None:
+    if precision == "fp16" and accelerator.scaler is None:
         log.warning("train.mixed_precision=fp16 runs in fp32 on %s (accelerate has no fp16 loss scaling there); "
                     "bf16 is the low-precision setting for CPUs", accelerator.device)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
