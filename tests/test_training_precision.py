@@ -64,3 +64,9 @@ def test_an_unquoted_yaml_no_reads_as_no():
     assert from_dict(TrainConfig, raw).mixed_precision == "no"
     with pytest.raises(ConfigError, match="'shard' must be one of"):
         from_dict(TrainConfig, {"shard": False})  # only where "no" is a choice
+
+
+def test_a_torch_without_the_cpu_feature_probes_trains_in_fp32(monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(training.precision.torch.cpu, name)
+    assert resolve_mixed_precision("auto", "cpu") == "no"

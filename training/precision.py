@@ -15,8 +15,9 @@ def native_bf16(device_type: str) -> bool:
     """Whether devices of this kind ("cpu", "cuda", ...) here compute bf16 in hardware."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    if device_type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if device_type == "cpu":  # (private torch helpers: a torch without them counts as no)
+        return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                          "_is_amx_tile_supported"))
     return False
 
 
