@@ -154,7 +154,7 @@ class Conv2d(nn.Conv2d):
 
         A 3x3, padding-1, stride-1 conv on CPU runs one 2x2 conv with 4 O output channels on x
         itself and interleaves its four phases into the output: in inference with oneDNN's kernel,
-        in training (autograd) with the plain differentiable ops, 1.1-1.8x faster forward + backward
+        in training (autograd) with the plain differentiable ops, 1.0-1.8x faster forward + backward
         than upsampling first (bench/RESULTS.md, "Training step"). Anything else runs the two ops as
         written.
         """
