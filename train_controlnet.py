@@ -77,6 +77,7 @@ class ControlNetTrainConfig:
     empty_prompt_rate: float = 0.5
     latent_cache: bool = False
     latent_cache_dir: str | None = None  # None: <train.output_dir>/latent_cache; one folder shares it
+    latent_sample: bool = True  # false: the posterior means, as a stage 2 trained with latent_sample: false
     lora: LoRAConfig | None = None  # set: LoRA adapters on the locked U-Net train too (needs sd_locked: true)
 
     def __post_init__(self):

@@ -124,6 +124,13 @@ def main() -> None:
     batches = _scale_batches(dataset, cfg, next(model.parameters()).device)
     g = torch.Generator(next(model.parameters()).device).manual_seed(cfg.train.seed)
     scale = measure_scale_factor(lambda x: model.encode_latents(x, sample=True, generator=g), batches)
+    if cfg.model.kind == "kl":  # posterior noise that outweighs the means would shrink stage 2's content
+        means_scale = measure_scale_factor(lambda x: model.encode_latents(x, sample=False),
+                                           _scale_batches(dataset, cfg, next(model.parameters()).device))
+        if scale < 0.5 * means_scale:
+            log.warning("the posterior's noise dominates the latents' std (scale factor %.4g from samples, %.4g "
+                        "from the means): a few latents have a huge variance; train stage 2 with latent_sample=false",
+                        scale, means_scale)
     with export_errors(out):
         save_autoencoder(model, cfg.model, out / "autoencoder.safetensors", scale_factor=scale)
     log.info("latent scale factor %.5f; wrote %s", scale, out / "autoencoder.safetensors")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autoencoder import measure_scale_factor
 from autoencoder.model_file import load_autoencoder, read_autoencoder_config
 from common.cli import run
 from common.config import ConfigError, at_least, check_range, to_dict
@@ -82,7 +83,11 @@ class Stage2Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     samples: SampleConfig = field(default_factory=SampleConfig)
     caption_dropout: float = 0.1  # captions replaced by "", the unconditional input of guidance
-    scale_factor: float | None = None  # None: from the stage-1 file's metadata
+    scale_factor: float | None = None  # None: from the stage-1 file's metadata (or the means', see below)
+    # false: train on the posterior means, scaled by 1 / their std unless scale_factor is set. For
+    # autoencoders whose posterior noise outweighs the means (train_stage1.py warns): a few latents with
+    # a huge std set the samples' std, so sampled latents carry their content at a fraction of unit scale.
+    latent_sample: bool = True
     latent_cache: bool = False
     latent_cache_dir: str | None = None  # None: <train.output_dir>/latent_cache; one folder shares it
     lora: LoRAConfig | None = None  # set: train LoRA adapters on the frozen --init-from model
@@ -132,8 +137,10 @@ class LatentDiffusionTask(TrainingTask):
         """Scaled latents [B, C, h, w]: a fresh posterior sample, from the cache or the images."""
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
+            if not self.cfg.latent_sample:
+                return mean * self.model.scale_factor
             return (mean + std * randn_like(mean, generators)) * self.model.scale_factor
-        return self.model.encode_images(batch["image"], generator=generators)
+        return self.model.encode_images(batch["image"], sample=self.cfg.latent_sample, generator=generators)
 
     def generators(self, batch: dict, key_offset: int = 0) -> Generators:
         """Each sample's own random stream, so that neither batch size nor process count changes a draw."""
@@ -224,6 +231,10 @@ def main() -> None:
         scale = cfg.scale_factor if cfg.scale_factor is not None else measured_scale
         if cfg.model.unet.image_size is None:  # recorded so generate.py defaults to the training size
             cfg.model.unet.image_size = cfg.data.size // autoencoder.downsample_factor
+        if not cfg.latent_sample and cfg.scale_factor is None:
+            scale = _means_scale_factor(autoencoder, cfg)
+            log.info("latent_sample=false: scale factor %.5f from the posterior means (the file's: %.5f)",
+                     scale, measured_scale)
         model = LatentDiffusion(cfg.model, autoencoder, ae_cfg, scale)
     log.info("U-Net %.2f M parameters; latent scale factor %.5f", _millions(model.unet), model.scale_factor)
 
@@ -262,6 +273,14 @@ def main() -> None:
         else:
             model.save(out / "model.safetensors", unet_state=states["unet"], text_state=states.get("text_encoder"))
     log.info("wrote %s", out / ("lora.safetensors" if adapters is not None else "model.safetensors"))
+
+
+def _means_scale_factor(autoencoder: nn.Module, cfg: Stage2Config, batches: int = 8) -> float:
+    """1 / std of the posterior means over the first `batches` training batches."""
+    data = build_dataset(cfg.data)
+    images = (torch.stack([data[k]["image"] for k in range(i, min(i + cfg.train.batch_size, len(data)))])
+              for i in range(0, min(len(data), batches * cfg.train.batch_size), cfg.train.batch_size))
+    return measure_scale_factor(lambda x: autoencoder.encode_latents(x, sample=False), images)
 
 
 def task_steps(checkpoint: Path | None) -> int:

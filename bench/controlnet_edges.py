@@ -13,6 +13,8 @@
    The real test images are scored the same way (the ceiling a perfect model would reach).
 4. FID of both generated sets against the real test images (metrics.fid, TF-Inception features);
    the FID cost is FID(with) - FID(without).
+5. On shapes data, prompt adherence by the shapes judge (metrics.shapes_judge) of all three sets: the
+   outlines fix position and size, the prompt still has to give colour and background.
 
 Prints a markdown table for bench/RESULTS.md and writes results.json under --out.
 """
@@ -93,6 +95,12 @@ def evaluate(args: argparse.Namespace, controlnet_path: Path) -> dict:
         for name in ("without", "with"):
             results[name]["fid"] = fid(real, torch.cat(images[name]))
         results["fid_cost"] = results["with"]["fid"] - results["without"]["fid"]
+    if data_cfg.source == "shapes":
+        from metrics.shapes_judge import ShapesJudge
+
+        judge, captions = ShapesJudge.load(), [dataset[key]["caption"] for key in range(n)]
+        for name in counts:
+            results[name]["adherence"] = judge.score_prompts(torch.cat(images[name]), captions)
     results["settings"] = {"n": n, "tolerance": args.tolerance, "sampler": args.sampler, "steps": args.steps,
                            "guidance": args.guidance, "scale": args.scale, "condition": data_cfg.condition,
                            "source": data_cfg.source, "size": data_cfg.size, "controlnet": str(controlnet_path)}
@@ -114,6 +122,12 @@ def markdown(results: dict) -> str:
         rows.append(f"| {label} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {fid_value} |")
     if "fid_cost" in results:
         rows.append(f"\nFID cost of the ControlNet: {results['fid_cost']:+.2f}")
+    if "adherence" in results["real"]:
+        names = ("background", "shape", "color", "size", "position", "all_attributes")
+        rows += ["", "| images | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for name, label in labels.items():
+            scores = results[name]["adherence"]
+            rows.append(f"| {label} | " + " | ".join(f"{100 * scores[k]:.1f}%" for k in names) + " |")
     return "\n".join(rows)
 
 

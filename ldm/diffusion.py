@@ -24,6 +24,8 @@ from .schedule import NoiseSchedule, ScheduleConfig, values_at
 from .timestep_sampler import LossSecondMomentSampler, UniformTimestepSampler
 from .vlb import DecoderNLL, learned_log_variance, mean_flat, vlb_term
 
+MinSnrVariant = Literal["paper", "plus-one"]
+
 
 def table_scales(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> NoiseScales:
     """The schedule's sqrt(a_t), sqrt(1 - a_t) and reciprocals at timesteps t [B], each [B, 1, ..., 1]."""
@@ -76,12 +78,28 @@ def q_posterior_mean_variance(
     return mean, variance, log_variance
 
 
-def min_snr_weight(snr: Tensor, gamma: float, parameterization: str | Parameterization) -> Tensor:
-    """Min-SNR-gamma loss weight [B] for a per-sample SNR [B] (see `Parameterization.min_snr_weight`)."""
+def min_snr_weight(snr: Tensor, gamma: float, parameterization: str | Parameterization,
+                   variant: MinSnrVariant = "paper", floor: float = 0.0) -> Tensor:
+    """Min-SNR-gamma loss weight [B] for a per-sample SNR [B] (see `Parameterization.min_snr_weight`).
+
+    variant "plus-one" (v only) is diffusers' reading for v: min(SNR + 1, gamma) / (SNR + 1), which is 1
+    rather than 0 at zero SNR. `floor` is the least weight any timestep gets. Both exist because with
+    zero terminal SNR the paper's v weight, min(SNR, gamma) / (SNR + 1), is exactly 0 at the last step
+    and below 0.01 for the noisiest 16% of a linear schedule's steps.
+    """
     kind = as_parameterization(parameterization)
     if gamma <= 0:
         raise ValueError(f"min_snr_gamma must be positive, got {gamma}")
-    return kind.min_snr_weight(snr, gamma)
+    _check_choice("min_snr_variant", variant, ("paper", "plus-one"))
+    if variant == "plus-one":
+        if kind.name != "v":
+            raise ValueError(f"min_snr_variant 'plus-one' is for v prediction, not {kind.name!r}")
+        weight = (snr + 1).clamp(max=gamma) / (snr + 1)
+    else:
+        weight = kind.min_snr_weight(snr, gamma)
+    if not 0 <= floor <= 1:
+        raise ValueError(f"min_snr_floor must be in [0, 1], got {floor}")
+    return weight.clamp(min=floor) if floor else weight
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -97,6 +115,8 @@ class DiffusionConfig:
     parameterization: ParameterizationName = "eps"
     loss: Literal["l2", "l1"] = "l2"
     min_snr_gamma: float | None = None  # 5.0 is the paper's choice
+    min_snr_variant: MinSnrVariant = "paper"  # or "plus-one" (v only): see `min_snr_weight`
+    min_snr_floor: float = 0.0  # least min-SNR weight of any timestep
     learn_sigma: bool = False
     vlb_weight: float = 0.001
     decoder_nll: DecoderNLL = "gaussian"  # "discretized" only for 8-bit pixel data in [-1, 1]
@@ -112,6 +132,7 @@ class Diffusion:
         parameterization: what the network predicts: a `Parameterization` or its name "eps", "x0", "v".
         loss: "l2" (L_simple, mean squared error) or "l1" (mean absolute error).
         min_snr_gamma: if set, weight the simple loss with min-SNR-gamma.
+        min_snr_variant, min_snr_floor: its form at low SNR (see `min_snr_weight`).
         learn_sigma: the network outputs 2 C channels; the second half sets the variance
             of p(x_{t-1} | x_t) (see `vlb.learned_log_variance`) and is trained by L_vlb.
         vlb_weight: lambda of L_hybrid = L_simple + lambda L_vlb (improved DDPM: 0.001).
@@ -131,6 +152,8 @@ class Diffusion:
         parameterization: str | Parameterization = "eps",
         loss: Literal["l2", "l1"] = "l2",
         min_snr_gamma: float | None = None,
+        min_snr_variant: MinSnrVariant = "paper",
+        min_snr_floor: float = 0.0,
         learn_sigma: bool = False,
         vlb_weight: float = 0.001,
         decoder_nll: DecoderNLL = "gaussian",
@@ -141,6 +164,8 @@ class Diffusion:
         _check_choice("loss", loss, ("l2", "l1"))
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be positive or None, got {min_snr_gamma}")
+        if min_snr_gamma is not None:  # the variant and floor errors, before a run starts
+            min_snr_weight(torch.zeros(1), min_snr_gamma, parameterization, min_snr_variant, min_snr_floor)
         _check_choice("decoder_nll", decoder_nll, ("gaussian", "discretized"))
         _check_choice("fixed_variance", fixed_variance, ("small", "large"))
         _check_choice("timestep_sampling", timestep_sampling, ("uniform", "importance"))
@@ -148,6 +173,7 @@ class Diffusion:
             raise ValueError(f"a zero-terminal-SNR schedule needs parameterization 'v' or 'x0' "
                              f"({self.parameterization.name} gives no x0 at t = T-1)")
         self.schedule, self.loss, self.min_snr_gamma = schedule, loss, min_snr_gamma
+        self.min_snr_variant, self.min_snr_floor = min_snr_variant, min_snr_floor
         self.learn_sigma, self.vlb_weight = learn_sigma, vlb_weight
         self.decoder_nll, self.fixed_variance = decoder_nll, fixed_variance
         sampler = UniformTimestepSampler if timestep_sampling == "uniform" else LossSecondMomentSampler
@@ -203,7 +229,9 @@ class Diffusion:
         simple = mean_flat(error**2 if self.loss == "l2" else error.abs())
         loss = simple
         if self.min_snr_gamma is not None:
-            loss = loss * self.parameterization.min_snr_weight(self.schedule.snr.to(t.device)[t], self.min_snr_gamma)
+            snr = self.schedule.snr.to(t.device)[t]
+            loss = loss * min_snr_weight(snr, self.min_snr_gamma, self.parameterization, self.min_snr_variant,
+                                         self.min_snr_floor)
         terms = {"mse": simple, "t": t}
 
         if self.learn_sigma:

@@ -24,6 +24,34 @@ def test_min_snr_weight_hand_worked(parameterization, expected):
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-15)
 
 
+def test_min_snr_v_variants_hand_worked():
+    snr = torch.tensor(SNR, dtype=torch.float64)
+    # diffusers' v reading, min(SNR + 1, 5) / (SNR + 1): 1 up to SNR 4, then 5/6, 5/21, 5/1001.
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, "v", "plus-one"),
+                               torch.tensor([1.0, 1.0, 1.0, 5 / 6, 5 / 21, 5 / 1001], dtype=torch.float64))
+    # A floor of 0.1 lifts the paper's 0, 0.0099 and 5/1001 only.
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, "v", floor=0.1),
+                               torch.tensor([0.1, 0.1, 0.5, 5 / 6, 5 / 21, 0.1], dtype=torch.float64))
+    with pytest.raises(ValueError, match="^min_snr_variant 'plus-one' is for v prediction, not 'eps'$"):
+        min_snr_weight(snr, 5.0, "eps", "plus-one")
+    with pytest.raises(ValueError, match="^min_snr_floor must be in \\[0, 1\\], got 2"):
+        min_snr_weight(snr, 5.0, "v", floor=2.0)
+
+
+def test_diffusion_trains_with_the_configured_min_snr_form():
+    from ldm.diffusion import Diffusion, DiffusionConfig
+    from ldm.schedule import NoiseSchedule, ScheduleConfig
+
+    schedule = NoiseSchedule.from_config(ScheduleConfig(num_timesteps=10, zero_terminal_snr=True))
+    x0, t = torch.ones(2, 1, 2, 2), torch.tensor([9, 9])  # the zero-SNR step
+    for variant, floor, expected in (("paper", 0.0, 0.0), ("plus-one", 0.0, 1.0), ("paper", 0.25, 0.25)):
+        config = DiffusionConfig(parameterization="v", min_snr_gamma=5.0, min_snr_variant=variant, min_snr_floor=floor)
+        diffusion = Diffusion(schedule, **{k: v for k, v in vars(config).items() if k != "schedule"})
+        terms = diffusion.training_losses(lambda x, t: torch.zeros_like(x), x0, t=t, noise=torch.zeros_like(x0))
+        torch.testing.assert_close(terms["loss"], expected * terms["mse"])  # mse = |v|^2 = 1 at t = T-1
+        assert terms["mse"].min() > 0.5
+
+
 def _sampler_with(histories: dict[int, list[float]]) -> LossSecondMomentSampler:
     sampler = LossSecondMomentSampler(4, history_per_term=3, uniform_prob=0.2)
     for t, losses in histories.items():

@@ -180,6 +180,23 @@ def test_frozen_text_encoder_contexts_are_computed_once_per_caption(stage1_file)
     assert encoded[-2:] == [["d"], ["d"]] and "d" not in cache.contexts
 
 
+def test_latent_sample_false_trains_on_the_means_scaled_by_their_std(stage1_file):
+    model = _tiny_model(stage1_file).eval()
+    mean, std = torch.randn(2, 4, 8, 8), torch.full((2, 4, 8, 8), 1e3)  # a posterior whose noise dwarfs the means
+    batch = {"latent_mean": mean, "latent_std": std}
+    sampled = train_stage2.LatentDiffusionTask(train_stage2.Stage2Config(model=model.cfg, data=DataConfig()), model)
+    assert sampled.latents(batch).abs().mean() > 100 * model.scale_factor
+    cfg = train_stage2.Stage2Config(model=model.cfg, data=DataConfig(source="shapes", size=32), latent_sample=False)
+    assert torch.equal(train_stage2.LatentDiffusionTask(cfg, model).latents(batch), mean * model.scale_factor)
+    # The means' scale: 1 / std of the posterior means over the first batches, measured independently here.
+    cfg.train.batch_size = 4
+    data = build_dataset(cfg.data)
+    with torch.no_grad():
+        means = model.autoencoder.encode(torch.stack([data[k]["image"] for k in range(8)])).mean
+    assert train_stage2._means_scale_factor(model.autoencoder, cfg, batches=2) == pytest.approx(
+        1 / means.double().std().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("override,message", [
     ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
     ("model.unet.channel_mult=7", "'model.unet.channel_mult' must be a list"),
