@@ -134,7 +134,8 @@ class LatentDiffusionTask(TrainingTask):
         self.ema_target = self.trainable
 
     def latents(self, batch: dict, generators: Generators = None) -> torch.Tensor:
-        """Scaled latents [B, C, h, w]: a fresh posterior sample, from the cache or the images."""
+        """Scaled latents [B, C, h, w]: a fresh posterior sample (its mean with latent_sample false), from the
+        cache or the images."""
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
             if not self.cfg.latent_sample:
