@@ -35,7 +35,7 @@ from ldm.generation import generate_latents
 from ldm.latent_cache import fingerprint, latent_cache
 from ldm.latent_diffusion import LatentDiffusion
 from ldm.original_format import check_model_file, load_model
-from train_stage2 import LatentDiffusionTask, OptimConfig, task_steps
+from train_stage2 import LatentDiffusionTask, OptimConfig, fine_tuning_latent_sample, task_steps
 from training import TrainConfig, ema_weights, eval_mode, train
 from training.lora import LoRAAdapters, LoRAConfig
 from training.cli import export_errors, is_main_process, main_process_first, start_run, train_parser
@@ -77,7 +77,7 @@ class ControlNetTrainConfig:
     empty_prompt_rate: float = 0.5
     latent_cache: bool = False
     latent_cache_dir: str | None = None  # None: <train.output_dir>/latent_cache; one folder shares it
-    latent_sample: bool = True  # false: the posterior means, as a stage 2 trained with latent_sample: false
+    latent_sample: bool | None = None  # None: what the --stage2 model was trained on (posterior samples or means)
     lora: LoRAConfig | None = None  # set: LoRA adapters on the locked U-Net train too (needs sd_locked: true)
 
     def __post_init__(self):
@@ -187,6 +187,7 @@ def main() -> None:
     check_model_file(args.stage2)  # a wrong kind of file is named before the run's folder is touched
     cfg = start_run(args, ControlNetTrainConfig)
     model = load_model(args.stage2, args.original_config)
+    model.latent_sample = fine_tuning_latent_sample(model, cfg.latent_sample, args.stage2)
     check_config(cfg, model)
     out = Path(cfg.train.output_dir)
 
@@ -224,7 +225,7 @@ def main() -> None:
                         unet_decoder=states.get("unet_decoder"),
                         metadata={"stage2": Path(args.stage2).name, "stage2_sha256": stage2_sha256,
                                   "condition": cfg.data.condition, "canny": [cfg.data.canny_low, cfg.data.canny_high],
-                                  "sd_locked": cfg.controlnet.sd_locked, "steps": cfg.train.max_steps,
+                                  "sd_locked": cfg.controlnet.sd_locked, "steps": task_steps(last),
                                   "only_mid_control": cfg.controlnet.only_mid_control,
                                   # trained with these U-Net adapters: use the two together
                                   **({"unet_lora": "lora.safetensors"} if adapters is not None else {})})

@@ -87,7 +87,8 @@ class Stage2Config:
     # false: train on the posterior means, scaled by 1 / their std unless scale_factor is set. For
     # autoencoders whose posterior noise outweighs the means (train_stage1.py warns): a few latents with
     # a huge std set the samples' std, so sampled latents carry their content at a fraction of unit scale.
-    latent_sample: bool = True
+    # None: what the --init-from model was trained on (its file records it), else true.
+    latent_sample: bool | None = None
     latent_cache: bool = False
     latent_cache_dir: str | None = None  # None: <train.output_dir>/latent_cache; one folder shares it
     lora: LoRAConfig | None = None  # set: train LoRA adapters on the frozen --init-from model
@@ -134,14 +135,14 @@ class LatentDiffusionTask(TrainingTask):
         self.ema_target = self.trainable
 
     def latents(self, batch: dict, generators: Generators = None) -> torch.Tensor:
-        """Scaled latents [B, C, h, w]: a fresh posterior sample (its mean with latent_sample false), from the
-        cache or the images."""
+        """Scaled latents [B, C, h, w]: a fresh posterior sample (its mean for a model trained on the means,
+        `LatentDiffusion.latent_sample`), from the cache or the images."""
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
-            if not self.cfg.latent_sample:
+            if not self.model.latent_sample:
                 return mean * self.model.scale_factor
             return (mean + std * randn_like(mean, generators)) * self.model.scale_factor
-        return self.model.encode_images(batch["image"], sample=self.cfg.latent_sample, generator=generators)
+        return self.model.encode_images(batch["image"], sample=self.model.latent_sample, generator=generators)
 
     def generators(self, batch: dict, key_offset: int = 0) -> Generators:
         """Each sample's own random stream, so that neither batch size nor process count changes a draw."""
@@ -227,16 +228,17 @@ def main() -> None:
         cfg.model = model.cfg
         if cfg.scale_factor is not None:
             model.scale_factor = cfg.scale_factor
+        model.latent_sample = fine_tuning_latent_sample(model, cfg.latent_sample, args.init_from)
     else:
         autoencoder, ae_cfg, measured_scale = load_autoencoder(args.first_stage)
         scale = cfg.scale_factor if cfg.scale_factor is not None else measured_scale
         if cfg.model.unet.image_size is None:  # recorded so generate.py defaults to the training size
             cfg.model.unet.image_size = cfg.data.size // autoencoder.downsample_factor
-        if not cfg.latent_sample and cfg.scale_factor is None:
+        if cfg.latent_sample is False and cfg.scale_factor is None:
             scale = _means_scale_factor(autoencoder, cfg)
             log.info("latent_sample=false: scale factor %.5f from the posterior means (the file's: %.5f)",
                      scale, measured_scale)
-        model = LatentDiffusion(cfg.model, autoencoder, ae_cfg, scale)
+        model = LatentDiffusion(cfg.model, autoencoder, ae_cfg, scale, latent_sample=cfg.latent_sample is not False)
     log.info("U-Net %.2f M parameters; latent scale factor %.5f", _millions(model.unet), model.scale_factor)
 
     cache_dir = cfg.latent_cache_dir or Path(cfg.train.output_dir) / "latent_cache"
@@ -274,6 +276,18 @@ def main() -> None:
         else:
             model.save(out / "model.safetensors", unet_state=states["unet"], text_state=states.get("text_encoder"))
     log.info("wrote %s", out / ("lora.safetensors" if adapters is not None else "model.safetensors"))
+
+
+def fine_tuning_latent_sample(model: LatentDiffusion, requested: bool | None, source: str) -> bool:
+    """Whether fine-tuning `model` (loaded from `source`) trains on posterior samples: the config's
+    `latent_sample` when set, else what the model was trained on."""
+    if requested is None:
+        return model.latent_sample
+    if requested != model.latent_sample:
+        kinds = ["samples" if v else "means" for v in (requested, model.latent_sample)]
+        log.warning("latent_sample %s: fine-tuning %s on posterior %s, though it was trained on posterior %s",
+                    str(requested).lower(), source, *kinds)
+    return requested
 
 
 def _means_scale_factor(autoencoder: nn.Module, cfg: Stage2Config, batches: int = 8) -> float:

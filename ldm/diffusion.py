@@ -115,7 +115,9 @@ class DiffusionConfig:
     parameterization: ParameterizationName = "eps"
     loss: Literal["l2", "l1"] = "l2"
     min_snr_gamma: float | None = None  # 5.0 is the paper's choice
-    min_snr_variant: MinSnrVariant = "paper"  # or "plus-one" (v only): see `min_snr_weight`
+    # "plus-one" (v only, see `min_snr_weight`) and a floor both trained the shapes recipe worse than the
+    # paper's weight (bench/RESULTS.md, "Issue 24 by measurement"); they stay for other data.
+    min_snr_variant: MinSnrVariant = "paper"
     min_snr_floor: float = 0.0  # least min-SNR weight of any timestep
     learn_sigma: bool = False
     vlb_weight: float = 0.001

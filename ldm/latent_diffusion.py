@@ -16,7 +16,7 @@ from autoencoder import AutoencoderConfig, build_autoencoder
 from autoencoder.model_file import check_file_format
 from autoencoder.tiling import decode_tiled
 from common.config import from_dict
-from common.weights import load_state_dict_strict, load_weights, read_metadata, save_weights
+from common.weights import CheckpointError, load_state_dict_strict, load_weights, read_metadata, save_weights
 from conditioning import TextEncoderConfig, build_text_encoder
 from ldm.diffusion import Diffusion, DiffusionConfig
 from ldm.unet import UNetConfig, UNetModel
@@ -42,13 +42,16 @@ class LatentDiffusion(nn.Module):
     """U-Net + text encoder + frozen autoencoder + diffusion process.
 
     Latents seen by the U-Net are `scale_factor * autoencoder latents`, so they have about unit
-    variance (SD: 0.18215).
+    variance (SD: 0.18215). `latent_sample` says which latents it was trained on: posterior samples
+    (true, as LDM and SD) or the posterior means (false, train_stage2.py's `latent_sample: false`); the
+    file records it so that fine-tuning it (ControlNet, LoRA, DreamBooth) trains on the same latents.
     """
 
     def __init__(self, cfg: LatentDiffusionConfig, autoencoder: nn.Module, autoencoder_cfg: AutoencoderConfig,
-                 scale_factor: float):
+                 scale_factor: float, latent_sample: bool = True):
         super().__init__()
         self.cfg, self.autoencoder_cfg, self.scale_factor = cfg, autoencoder_cfg, float(scale_factor)
+        self.latent_sample = latent_sample
         self.text_encoder = build_text_encoder(cfg.text)
         check_text_to_image_unet(cfg.unet)
         unet_cfg = replace(cfg.unet, context_dim=cfg.unet.context_dim or self.text_encoder.context_dim)
@@ -122,7 +125,8 @@ class LatentDiffusion(nn.Module):
             tensors.update({f"text_encoder.{k}": v for k, v in (text_state or self.text_encoder.state_dict()).items()})
         tensors.update({f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()})
         save_weights(tensors, path, {"format": FILE_FORMAT, "config": asdict(self.cfg),
-                                     "autoencoder": asdict(self.autoencoder_cfg), "scale_factor": self.scale_factor})
+                                     "autoencoder": asdict(self.autoencoder_cfg), "scale_factor": self.scale_factor,
+                                     "latent_sample": self.latent_sample})
 
     def _stores_text_encoder(self) -> bool:
         trains = any(p.requires_grad for p in self.text_encoder.parameters())
@@ -142,7 +146,11 @@ class LatentDiffusion(nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> LatentDiffusion:
         """Rebuild a model written by `save`; a file of another kind is a clear CheckpointError."""
         cfg, ae_cfg, scale_factor = cls.read_configs(path)
-        model = cls(cfg, build_autoencoder(ae_cfg), ae_cfg, scale_factor)
+        # Files written before the key existed were all trained on posterior samples.
+        latent_sample = read_metadata(path).get("latent_sample", True)
+        if not isinstance(latent_sample, bool):
+            raise CheckpointError(f"{path}: metadata latent_sample must be true or false, got {latent_sample!r}")
+        model = cls(cfg, build_autoencoder(ae_cfg), ae_cfg, scale_factor, latent_sample)
         weights = load_weights(path)
         for prefix, module in (("unet.", model.unet), ("autoencoder.", model.autoencoder),
                                ("text_encoder.", model.text_encoder)):

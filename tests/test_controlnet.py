@@ -353,12 +353,18 @@ def test_train_controlnet_writes_only_the_controlnet(trained, tiny_model):
     assert meta["format"] == "ldm-controlnet" and meta["condition"] == "shapes-edges"
     assert meta["stage2_sha256"] == hashlib.sha256(stage2.read_bytes()).hexdigest()
     assert meta["config"]["latent_factor"] == 2 and meta["sd_locked"] is True
+    assert meta["steps"] == 4  # the steps trained: all of configs/controlnet/tiny.yaml's
     weights = load_weights(file)
     assert all(k.startswith("control_model.") for k in weights)
     assert file.stat().st_size < stage2.stat().st_size
     net = load_controlnet(file).net
     assert any(conv[0].weight.any() for conv in net.zero_convs)  # it trained
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_a_run_stopped_by_its_clock_records_the_steps_it_trained(tiny_model, tmp_path, monkeypatch):
+    out = _train(monkeypatch, tiny_model[0], tmp_path / "clock", "train.max_minutes=1e-9", "train.max_steps=4")
+    assert read_metadata(out / "controlnet.safetensors")["steps"] == 1  # not max_steps
 
 
 def test_train_controlnet_leaves_the_locked_unet_bit_identical(tiny_model, tmp_path, monkeypatch):

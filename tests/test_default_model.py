@@ -41,6 +41,8 @@ def test_shipped_files_are_fp16_and_at_most_25_mb_a_model():
     for f in files:
         floats = {v.dtype for v in load_weights(f).values() if v.is_floating_point()}
         assert floats == {torch.float16}, f
+    # The shapes U-Net was trained on posterior means (RECIPE.md): its ControlNet and any LoRA on it must be too.
+    assert read_metadata(SHAPES)["latent_sample"] is False and "latent_sample" not in read_metadata(MODEL)
 
 
 def test_generates_distinct_deterministic_images(model):
@@ -87,6 +89,9 @@ def test_demo_writes_its_grids(tmp_path):
     assert lora_grid.shape == (4 * 64, 2 * 64, 3) and lora_grid.std() > 20  # four prompts, two seeds, not blank
     shapes_grid = np.asarray(Image.open(tmp_path / "shapes" / "grid.png"))
     assert shapes_grid.shape == (4 * 64, 4 * 64, 3) and shapes_grid.std() > 20  # four prompts, four seeds
+    shapes_overview = np.asarray(Image.open(tmp_path / "shapes-controlnet" / "overview.png"))
+    assert shapes_overview.shape == (2 * 64, 6 * 64, 3)  # per held-out scene: scene, outlines, four samples
+    assert len(list((tmp_path / "shapes-controlnet").glob("*/0*.png"))) == 8
 
 
 def test_shipped_lora_is_small_fp16_and_names_the_shipped_model():

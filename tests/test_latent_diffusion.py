@@ -102,3 +102,31 @@ def test_stage2_training_latents_are_scaled_from_images_and_from_the_latent_cach
     torch.manual_seed(6)
     got = _training_latents(task, {"latent_mean": cached_mean, "latent_std": cached_std})
     torch.testing.assert_close(got, SCALE * (cached_mean + cached_std * eps))
+
+
+def test_the_model_file_records_which_latents_the_unet_was_trained_on(model, tmp_path, caplog):
+    from common.weights import CheckpointError, load_weights, read_metadata, save_weights
+
+    means, older = tmp_path / "means.safetensors", tmp_path / "older.safetensors"
+    model.latent_sample = False
+    try:
+        model.save(means)
+    finally:
+        model.latent_sample = True
+    loaded = LatentDiffusion.load(means)
+    assert loaded.latent_sample is False
+    # Fine-tuning it (ControlNet, LoRA, DreamBooth) trains on the means unless the config says otherwise.
+    assert train_stage2.fine_tuning_latent_sample(loaded, None, str(means)) is False
+    assert train_stage2.fine_tuning_latent_sample(loaded, True, str(means)) is True
+    assert "trained on posterior means" in caplog.text
+    cfg = train_stage2.Stage2Config(model=loaded.cfg, data=DataConfig())
+    mean, std = torch.randn(2, 4, 16, 16), torch.ones(2, 4, 16, 16)
+    batch = {"latent_mean": mean, "latent_std": std}
+    assert torch.equal(train_stage2.LatentDiffusionTask(cfg, loaded).latents(batch), mean * SCALE)
+    # A file written before the key existed holds a U-Net trained on posterior samples, as LDM's.
+    meta = {k: v for k, v in read_metadata(means).items() if k != "latent_sample"}
+    save_weights(load_weights(means), older, meta)
+    assert LatentDiffusion.load(older).latent_sample is True
+    save_weights(load_weights(means), older, {**meta, "latent_sample": "no"})
+    with pytest.raises(CheckpointError, match="latent_sample must be true or false"):
+        LatentDiffusion.load(older)

@@ -184,10 +184,11 @@ def test_latent_sample_false_trains_on_the_means_scaled_by_their_std(stage1_file
     model = _tiny_model(stage1_file).eval()
     mean, std = torch.randn(2, 4, 8, 8), torch.full((2, 4, 8, 8), 1e3)  # a posterior whose noise dwarfs the means
     batch = {"latent_mean": mean, "latent_std": std}
-    sampled = train_stage2.LatentDiffusionTask(train_stage2.Stage2Config(model=model.cfg, data=DataConfig()), model)
-    assert sampled.latents(batch).abs().mean() > 100 * model.scale_factor
     cfg = train_stage2.Stage2Config(model=model.cfg, data=DataConfig(source="shapes", size=32), latent_sample=False)
-    assert torch.equal(train_stage2.LatentDiffusionTask(cfg, model).latents(batch), mean * model.scale_factor)
+    task = train_stage2.LatentDiffusionTask(cfg, model)
+    assert task.latents(batch).abs().mean() > 100 * model.scale_factor  # the model's flag decides, not the config
+    model.latent_sample = False  # what main() sets from latent_sample: false
+    assert torch.equal(task.latents(batch), mean * model.scale_factor)
     # The means' scale: 1 / std of the posterior means over the first batches, measured independently here.
     cfg.train.batch_size = 4
     data = build_dataset(cfg.data)
@@ -235,3 +236,16 @@ def test_stage2_fine_tunes_an_original_format_checkpoint(tmp_path, stage1_file, 
     start, end = model.unet.state_dict(), tuned.unet.state_dict()
     assert start.keys() == end.keys()
     assert any(not torch.equal(start[k], end[k]) for k in start)  # it trained from those weights
+
+
+def test_a_means_trained_model_is_fine_tuned_on_the_means(tmp_path, stage1_file, monkeypatch):
+    first = _stage2(tmp_path, stage1_file, monkeypatch, "means", "train.max_steps=1", "train.ema_decay=null",
+                    "latent_sample=false")
+    model = LatentDiffusion.load(first / "model.safetensors")
+    assert model.latent_sample is False and model.scale_factor != load_autoencoder(stage1_file)[2]
+    argv = ["--config", ROOT / "configs/ldm/tiny.yaml", "--init-from", first / "model.safetensors",
+            f"train.output_dir={tmp_path / 'tuned'}", "train.max_steps=1", "data.shapes_length=16",
+            "train.batch_size=4", "latent_cache=false"]
+    _run(train_stage2, argv, monkeypatch)  # the config leaves latent_sample unset: the file's flag holds
+    tuned = LatentDiffusion.load(tmp_path / "tuned" / "model.safetensors")
+    assert tuned.latent_sample is False and tuned.scale_factor == model.scale_factor
