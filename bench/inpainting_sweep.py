@@ -71,7 +71,10 @@ def parse_settings(text: str) -> list[Setting]:
     return settings
 
 
-def label(setting: Setting) -> str:
+def label(setting: Setting | None) -> str:
+    """A setting's row name; None is the autoencoder's round trip."""
+    if setting is None:
+        return ROUND_TRIP
     sampler, steps, jump, resamples = setting
     return f"{sampler} {steps}" + (f", jump {jump} x {resamples}" if resamples > 1 else "")
 
@@ -117,7 +120,7 @@ class InpaintingBench:
         started, cpu = time.time(), time.process_time()
         try:
             first = 0
-            for batch in tqdm(self.batches, desc=label(setting) if setting else ROUND_TRIP, leave=False):
+            for batch in tqdm(self.batches, desc=label(setting), leave=False):
                 images = batch.images.to(self.device)
                 if setting is None:
                     latents = self.model.encode_images(images, sample=False)
@@ -138,7 +141,7 @@ class InpaintingBench:
                 first += len(images)
         finally:
             hook.remove()
-        return {"setting": label(setting) if setting else ROUND_TRIP, "guidance": guidance,
+        return {"setting": label(setting), "guidance": guidance,
                 "model_evaluations": calls[0] / len(self.batches) if setting else 0,
                 "fid": fid_from_statistics(stats, self.originals),
                 "hole_psnr": float(torch.cat(hole).mean()), "kept_psnr": float(torch.cat(kept).mean()),
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise ValueError(f"--out {args.out} holds another sweep ({saved.get('config')}); pass another --out")
         results = saved["results"]
     finished = {r["setting"] for r in results}
-    todo = [s for s in [None, *settings] if (label(s) if s else ROUND_TRIP) not in finished]
+    todo = [s for s in [None, *settings] if label(s) not in finished]
     if todo:
         model = LatentDiffusion.load(args.checkpoint, device=args.device)
         bench = InpaintingBench(model, args.data, args.n, args.mask, args.batch_size, args.seed, args.device,
