@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -26,7 +27,7 @@ from common.weights import load_weights
 from data import DataConfig, build_dataset
 from training import TrainConfig, TrainingTask, ema_weights, train
 from training.cli import check_adam, export_errors, is_main_process, start_run, train_parser
-from training.optimizers import adam
+from training.optimizers import adam, warmup_then_decay
 
 log = logging.getLogger("train_stage1")
 
@@ -35,9 +36,12 @@ log = logging.getLogger("train_stage1")
 class OptimConfig:
     lr: float = 4.5e-6
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    warmup_steps: int = 0
+    decay: Literal["constant", "cosine"] = "constant"  # cosine: to 0 at train.max_steps (both optimizers)
 
     def __post_init__(self):
         check_adam(self.lr, self.betas)
+        at_least("warmup_steps", self.warmup_steps, 0)
 
 
 @dataclass
@@ -74,10 +78,12 @@ class AutoencoderTask(TrainingTask):
         opt_ae = adam([*self.autoencoder.parameters(), *self.loss.autoencoder_parameters()], lr=self.cfg.optim.lr,
                       betas=betas)
         opt_disc = adam(self.loss.discriminator_parameters(), lr=self.cfg.optim.lr, betas=betas)
+        optim, total = self.cfg.optim, self.cfg.train.max_steps
+        self.schedulers = {name: warmup_then_decay(opt, optim.warmup_steps, optim.decay, total)
+                           for name, opt in (("autoencoder", opt_ae), ("discriminator", opt_disc))}
         opt_ae, opt_disc = accelerator.prepare(opt_ae, opt_disc)
         self.modules = {"autoencoder": self.autoencoder, "loss": self.loss}
         self.optimizers = {"autoencoder": opt_ae, "discriminator": opt_disc}
-        self.schedulers = {}
         self.ema_target = self.autoencoder
 
     def training_step(self, batch, step):

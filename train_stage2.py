@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ from training import TrainConfig, TrainingTask, ema_weights, eval_mode, train
 from training.dreambooth import (CLASS_KEY_OFFSET, DreamBoothConfig, check_dreambooth, combine_losses,
                                  dreambooth_dataset)
 from training.lora import LoRAAdapters, LoRAConfig
-from training.optimizers import adam
+from training.optimizers import adam, warmup_then_decay
 from training.cli import check_adam, export_errors, is_main_process, main_process_first, start_run, train_parser
 
 log = logging.getLogger("train_stage2")
@@ -52,6 +53,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     warmup_steps: int = 500
+    decay: Literal["constant", "cosine"] = "constant"  # cosine: to 0 at train.max_steps
 
     def __post_init__(self):
         check_adam(self.lr, self.betas)
@@ -125,8 +127,7 @@ class LatentDiffusionTask(TrainingTask):
             self.adapters.train_parts()
         opt = adam([p for p in self.trainable.parameters() if p.requires_grad], decoupled_weight_decay=True,
                    lr=self.cfg.optim.lr, betas=tuple(self.cfg.optim.betas), weight_decay=self.cfg.optim.weight_decay)
-        warmup = max(1, self.cfg.optim.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        sched = warmup_then_decay(opt, self.cfg.optim.warmup_steps, self.cfg.optim.decay, self.cfg.train.max_steps)
         self.optimizers = {"unet": accelerator.prepare(opt)}
         self.schedulers = {"unet": sched}
         self.modules = dict(self.trainable.items())

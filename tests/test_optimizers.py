@@ -1,8 +1,10 @@
-"""training.optimizers: the fused Adam / AdamW the trainers build steps as torch's per-tensor loop does."""
+"""training.optimizers: the fused Adam / AdamW the trainers build steps as torch's per-tensor loop does; the lr schedule."""
+import math
+
 import pytest
 import torch
 
-from training.optimizers import adam
+from training.optimizers import adam, warmup_then_decay
 
 
 def _trajectory(make_optimizer, steps: int = 5) -> list[torch.Tensor]:
@@ -34,3 +36,31 @@ def test_fused_where_torch_has_the_kernel_only():
     assert on_cpu.param_groups[0]["fused"] is True
     on_meta = adam([torch.zeros(3, device="meta", requires_grad=True)], lr=1e-3)
     assert not on_meta.param_groups[0]["fused"]
+
+
+def _lrs(decay: str, warmup: int, total: int | None, steps: int = 11) -> list[float]:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    schedule = warmup_then_decay(optimizer, warmup, decay, total)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
+def test_warmup_then_cosine_decay_follows_the_closed_form():
+    # warm-up to step 3, then the half cosine: 2 * 0.5 * (1 + cos(pi s / 10)); cos(pi / 2) = 0 at s = 5
+    expected = [2 * min(1, (s + 1) / 4) * 0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(11)]
+    assert _lrs("cosine", 4, 10) == pytest.approx(expected)
+    assert _lrs("cosine", 4, 10)[5] == pytest.approx(1.0) and _lrs("cosine", 4, 10)[10] == pytest.approx(0, abs=1e-12)
+    assert _lrs("cosine", 0, 4, steps=7)[4:] == pytest.approx([0, 0, 0], abs=1e-12)  # stays at 0 past the end
+    assert _lrs("constant", 4, None) == pytest.approx([0.5, 1.0, 1.5] + [2.0] * 8)
+
+
+def test_lr_decay_errors_name_the_setting():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    with pytest.raises(ValueError, match="lr decay must be one of constant, cosine, got 'linear'"):
+        warmup_then_decay(optimizer, 0, "linear", 10)
+    with pytest.raises(ValueError, match="train.max_steps"):
+        warmup_then_decay(optimizer, 0, "cosine", None)

@@ -1,4 +1,5 @@
 """train_stage1.py and train_stage2.py end to end on tiny configs: outputs, resume, cache, errors."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,22 @@ def test_stage1_writes_autoencoder_with_scale_factor(stage1_file):
     assert model.decode_latents(z).shape == x.shape
 
 
+def test_stage1_cosine_decay_ends_at_zero_and_resumes_exactly(tmp_path, monkeypatch):
+    argv = ["--config", ROOT / "configs/autoencoder/tiny-kl.yaml", "train.max_steps=4", "train.checkpoint_every=2",
+            "optim.decay=cosine", "optim.warmup_steps=2"]
+    _run(train_stage1, [*argv, f"train.output_dir={tmp_path / 'a'}"], monkeypatch)
+    # lr 1e-3 x min(1, 3 / 2) x 0.5 (1 + cos(pi 2 / 4)) after two steps; 0 after four; both optimizers
+    for step, lr in ((2, 5e-4), (4, 0.0)):
+        states = torch.load(tmp_path / f"a/checkpoints/step_{step:08d}/optimizers.pt", weights_only=True)
+        for name in ("autoencoder", "discriminator"):
+            assert states["optimizers"][name]["param_groups"][0]["lr"] == pytest.approx(lr, abs=1e-12)
+    shutil.copytree(tmp_path / "a/checkpoints/step_00000002", tmp_path / "b/checkpoints/step_00000002")
+    _run(train_stage1, [*argv, f"train.output_dir={tmp_path / 'b'}", "--resume"], monkeypatch)
+    a = load_weights(tmp_path / "a/checkpoints/step_00000004/autoencoder.safetensors")
+    b = load_weights(tmp_path / "b/checkpoints/step_00000004/autoencoder.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _stage2(tmp_path, stage1_file, monkeypatch, out, *extra, resume=False):
     argv = ["--config", ROOT / "configs/ldm/tiny.yaml", "--first-stage", stage1_file,
             f"train.output_dir={tmp_path / out}", "train.max_steps=4", "train.checkpoint_every=2",
@@ -62,6 +79,13 @@ def _stage2(tmp_path, stage1_file, monkeypatch, out, *extra, resume=False):
         argv.append("--resume")
     _run(train_stage2, argv, monkeypatch)
     return tmp_path / out
+
+
+def test_stage2_cosine_decay_reaches_zero_at_max_steps(tmp_path, stage1_file, monkeypatch):
+    out = _stage2(tmp_path, stage1_file, monkeypatch, "a", "optim.decay=cosine", "optim.warmup_steps=1")
+    lrs = [torch.load(out / f"checkpoints/step_{step:08d}/optimizers.pt", weights_only=True)
+           ["optimizers"]["unet"]["param_groups"][0]["lr"] for step in (2, 4)]
+    assert lrs == pytest.approx([1e-3 * 0.5, 0.0], abs=1e-12)  # tiny.yaml's lr x 0.5 (1 + cos(pi s / 4))
 
 
 def test_stage2_resume_is_exact_and_exports_ema(tmp_path, stage1_file, monkeypatch):

@@ -1,4 +1,5 @@
-"""Adam and AdamW for the trainers: torch's fused kernel (one pass over all parameters) where it has one.
+"""Adam and AdamW for the trainers, and their lr schedule: torch's fused kernel (one pass over all
+parameters) where it has one.
 
 torch's default on CPU steps one parameter at a time: at the tiny U-Net's training step that loop took
 14.7 of 166 ms, the fused kernel 2.2 ms (bench/RESULTS.md, "Training step"). The update
@@ -6,6 +7,7 @@ is the same formula; the fused kernel rounds differently in the last bit.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -26,3 +28,26 @@ def adam(params: Iterable[torch.Tensor], decoupled_weight_decay: bool = False, *
     params = list(params)
     kind = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
     return kind(params, fused=fused_supported(params) or None, **options)
+
+
+LR_DECAYS = ("constant", "cosine")
+
+
+def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, decay: str = "constant",
+                      total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """The lr factor at optimizer step s: a linear ramp (s + 1) / warmup_steps up to 1, times
+    `decay`'s factor: 1 ("constant") or 0.5 (1 + cos(pi s / total_steps)), reaching 0 at total_steps
+    ("cosine"; train.max_steps, so a run stopped early by max_minutes has not decayed yet)."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"lr decay must be one of {', '.join(LR_DECAYS)}, got {decay!r}")
+    if decay == "cosine" and not total_steps:
+        raise ValueError("cosine lr decay needs the run's total steps (train.max_steps)")
+    warmup = max(1, warmup_steps)
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup)
+        if decay == "constant":
+            return ramp
+        return ramp * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
