@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -27,7 +26,7 @@ from common.weights import load_weights
 from data import DataConfig, build_dataset
 from training import TrainConfig, TrainingTask, ema_weights, train
 from training.cli import check_adam, export_errors, is_main_process, start_run, train_parser
-from training.optimizers import adam, warmup_then_decay
+from training.optimizers import LRDecay, adam, warmup_then_decay
 
 log = logging.getLogger("train_stage1")
 
@@ -37,7 +36,7 @@ class OptimConfig:
     lr: float = 4.5e-6
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     warmup_steps: int = 0
-    decay: Literal["constant", "cosine"] = "constant"  # cosine: to 0 at train.max_steps (both optimizers)
+    decay: LRDecay = "constant"  # cosine: to 0 at train.max_steps (both optimizers)
 
     def __post_init__(self):
         check_adam(self.lr, self.betas)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -41,7 +40,7 @@ from training import TrainConfig, TrainingTask, ema_weights, eval_mode, train
 from training.dreambooth import (CLASS_KEY_OFFSET, DreamBoothConfig, check_dreambooth, combine_losses,
                                  dreambooth_dataset)
 from training.lora import LoRAAdapters, LoRAConfig
-from training.optimizers import adam, warmup_then_decay
+from training.optimizers import LRDecay, adam, warmup_then_decay
 from training.cli import check_adam, export_errors, is_main_process, main_process_first, start_run, train_parser
 
 log = logging.getLogger("train_stage2")
@@ -53,7 +52,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     warmup_steps: int = 500
-    decay: Literal["constant", "cosine"] = "constant"  # cosine: to 0 at train.max_steps
+    decay: LRDecay = "constant"  # cosine: to 0 at train.max_steps
 
     def __post_init__(self):
         check_adam(self.lr, self.betas)

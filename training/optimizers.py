@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Literal, get_args
 
 import torch
 
@@ -30,10 +31,11 @@ def adam(params: Iterable[torch.Tensor], decoupled_weight_decay: bool = False, *
     return kind(params, fused=fused_supported(params) or None, **options)
 
 
-LR_DECAYS = ("constant", "cosine")
+LRDecay = Literal["constant", "cosine"]  # the trainers' `optim.decay`
+LR_DECAYS = get_args(LRDecay)
 
 
-def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, decay: str = "constant",
+def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, decay: LRDecay = "constant",
                       total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """The lr factor at optimizer step s: a linear ramp (s + 1) / warmup_steps up to 1, times
     `decay`'s factor: 1 ("constant") or 0.5 (1 + cos(pi s / total_steps)), reaching 0 at total_steps
