@@ -270,8 +270,8 @@ def generate_latents(
     device = next(model.unet.parameters()).device
     latent_size = (height // model.latent_factor, width // model.latent_factor)
     generators = [torch.Generator().manual_seed(options.seed + i) for i in range(batch)]
-    cond = model.encode_text(prompts)
-    uncond = model.encode_text(negatives) if options.guidance != 1 else None
+    cond = encode_each(model, prompts)
+    uncond = encode_each(model, negatives) if options.guidance != 1 else None
     init_latents = _encode_images(model, init_image, device)
     if mask is not None:
         mask = latent_mask(mask.to(device), latent_size)
@@ -283,6 +283,17 @@ def generate_latents(
     return sample_latents(Denoiser(model_fn, model.diffusion), (batch, model.latent_channels, *latent_size), options,
                           generators=generators, init_latents=init_latents, mask=mask, device=device,
                           progress=progress, callback=callback)
+
+
+def encode_each(model, prompts: list[str]) -> Tensor:
+    """Context [B, L, D] for B prompts, each distinct prompt encoded alone.
+
+    A batched text encoder is not batch-invariant everywhere (its GEMMs are not ours: on an Intel Xeon
+    with AMX at 2 threads, a prompt's context moves by 1.5e-6 once 3 or more share the batch), and the
+    image of a seed must not depend on the other prompts drawn with it.
+    """
+    contexts = {prompt: model.encode_text([prompt]) for prompt in dict.fromkeys(prompts)}
+    return torch.cat([contexts[prompt] for prompt in prompts])
 
 
 def _output_size(model, options: SamplingOptions) -> tuple[int, int]:
