@@ -10,11 +10,8 @@ class ContextCache:
     """`cache(captions)` -> contexts [B, L, D] like `encode(captions)`, encoding each distinct caption once.
 
     A frozen encoder is deterministic, and small data sets repeat their captions every epoch, so this
-    saves most of the encoder's time in training. Each new caption is encoded alone, so a caption's
-    context does not depend on which captions first came with it (a batched encoder's GEMMs can follow
-    the batch size: on an Intel Xeon with AMX at 2 threads by 1.5e-6), and a resumed run, which starts
-    with an empty cache, sees the contexts of the run it continues. Contexts are kept on the CPU until
-    `max_bytes`; captions beyond it are encoded every time. A trainable encoder must run every step: with
+    saves most of the encoder's time in training. Contexts are kept on the CPU until `max_bytes`;
+    captions beyond it are encoded every time. A trainable encoder must run every step: with
     `frozen=False` every call goes to `encode`.
     """
 
@@ -31,7 +28,7 @@ class ContextCache:
         new = sorted(set(captions) - self.contexts.keys())
         if new:
             with torch.no_grad():
-                fresh = {caption: self.encode([caption])[0] for caption in new}
+                fresh = dict(zip(new, self.encode(new)))
             self.device = next(iter(fresh.values())).device  # where the encoder's contexts live
             for caption, context in fresh.items():
                 size = context.numel() * context.element_size()
