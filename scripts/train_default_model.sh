@@ -10,16 +10,16 @@
 #
 # DATA=emoji (the default): captions are emoji names, the ControlNet reads Canny edges. DATA=shapes:
 # compositional scenes ("a small red circle at the top left on a white background"), the ControlNet reads
-# the scenes' exact outlines; the same autoencoder config, trained on 20,000 scenes for 4,000 steps (what
-# 20 quiet minutes on 2 cores give; a step budget, because a time budget on a loaded machine trained the
-# autoencoder 2,827 steps and its reconstructions were 51% fully right against 71%: bench/RESULTS.md).
+# the scenes' exact outlines; the autoencoder is the emoji one with 8 latent channels, trained on 20,000
+# scenes for 4,000 steps (configs/autoencoder/kl-f4-shapes64.yaml: what 20 quiet minutes on 2 cores give,
+# as a step budget, because a time budget on a loaded machine trained 2,827 steps: bench/RESULTS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-emoji}
 case "$DATA" in
-  emoji)  STAGE1_DATA=(); STAGE2=configs/ldm/emoji64.yaml; CONTROL=configs/controlnet/emoji-canny.yaml
-          MODEL_NAME=model; CONTROL_NAME=controlnet-canny ;;
-  shapes) STAGE1_DATA=(data.source=shapes data.shapes_length=20000 train.max_steps=4000 train.max_minutes=null); STAGE2=configs/ldm/shapes64.yaml
+  emoji)  STAGE1=configs/autoencoder/kl-f4-emoji64.yaml; STAGE2=configs/ldm/emoji64.yaml
+          CONTROL=configs/controlnet/emoji-canny.yaml; MODEL_NAME=model; CONTROL_NAME=controlnet-canny ;;
+  shapes) STAGE1=configs/autoencoder/kl-f4-shapes64.yaml; STAGE2=configs/ldm/shapes64.yaml
           CONTROL=configs/controlnet/shapes-edges.yaml; MODEL_NAME=shapes; CONTROL_NAME=controlnet-shapes-edges ;;
   *) echo "DATA must be emoji or shapes, not '$DATA'" >&2; exit 2 ;;
 esac
@@ -28,7 +28,7 @@ MODEL=${2:-models/default}
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 export HF_HUB_OFFLINE=1
 
-$PY train_stage1.py --config configs/autoencoder/kl-f4-emoji64.yaml "${STAGE1_DATA[@]}" train.output_dir="$RUNS/stage1"
+$PY train_stage1.py --config "$STAGE1" train.output_dir="$RUNS/stage1"
 $PY train_stage2.py --config "$STAGE2" --first-stage "$RUNS/stage1/autoencoder.safetensors" \
     train.output_dir="$RUNS/stage2" latent_cache_dir="$RUNS/latent_cache"
 $PY scripts/fp16_copy.py "$RUNS/stage2/model.safetensors" "$RUNS/fp16/$MODEL_NAME.safetensors"

@@ -110,7 +110,7 @@ def test_ckpt_path_loads_full_and_standalone_checkpoints(tmp_path):
 
 
 def test_configs_load_and_build():
-    names = ["kl-f8", "kl-f4", "vq-f4", "kl-f4-emoji64", "vq-f4-emoji64", "tiny-kl", "tiny-vq"]
+    names = ["kl-f8", "kl-f4", "vq-f4", "kl-f4-emoji64", "kl-f4-shapes64", "vq-f4-emoji64", "tiny-kl", "tiny-vq"]
     for name in names:
         cfg = load_config(CONFIGS / f"{name}.yaml", Stage1Config)  # every file is a whole stage-1 config
         assert cfg.model.kind == ("vq" if name.startswith(("vq", "tiny-vq")) else "kl")
