@@ -194,14 +194,10 @@ def test_frozen_text_encoder_contexts_are_computed_once_per_caption(stage1_file)
 
     first = cache(["a", "b", "a", ""])
     second = cache(["b", "", "c"])
-    assert encoded == [["", "a", "b"], ["c"]]  # each distinct caption once
+    assert [set(chunk) for chunk in encoded] == [{"", "a", "b"}, {"c"}]  # each distinct caption once
+    assert all(len(chunk) == cache.chunk for chunk in encoded)
     torch.testing.assert_close(first, model.encode_text(["a", "b", "a", ""]))
     torch.testing.assert_close(second, model.encode_text(["b", "", "c"]))
-    assert cache.bytes == 4 * first[0].numel() * first.element_size()
-
-    cache.max_bytes = cache.bytes  # full: new captions are encoded every time, not kept
-    cache(["d"]), cache(["d"])
-    assert encoded[-2:] == [["d"], ["d"]] and "d" not in cache.contexts
 
 
 def test_latent_sample_false_trains_on_the_means_scaled_by_their_std(stage1_file):
