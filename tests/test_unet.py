@@ -166,12 +166,22 @@ def test_timestep_embedding_is_cos_then_sin():
     assert timestep_embedding(t, 7).shape == (3, 7) and (timestep_embedding(t, 7)[:, -1] == 0).all()
 
 
-def test_group_norm_runs_in_float32_and_returns_input_dtype():
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_group_norm_runs_in_float32_and_returns_input_dtype(grad):
     norm = GroupNorm32(4, 8)
-    x = torch.randn(2, 8, 5, 5) * 100 + 1000
-    out = norm(x.bfloat16())
+    x = (torch.randn(2, 8, 5, 5) * 100 + 1000).bfloat16()  # statistics in bf16 would lose the variance
+    with torch.set_grad_enabled(grad):
+        out = norm(x.requires_grad_(grad))
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), F.group_norm(x.bfloat16().float(), 4, eps=1e-5), atol=2e-2, rtol=1e-2)
+    exact = x.detach().double().requires_grad_()
+    expected = F.group_norm(exact, 4, norm.weight.double(), norm.bias.double(), eps=1e-5)
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=1e-2)
+    if grad:  # the gradients in float32 too, against float64's
+        upstream = torch.randn(out.shape)
+        out.backward(upstream.bfloat16())
+        expected.backward(upstream.double())
+        torch.testing.assert_close(x.grad.double(), exact.grad, atol=5e-4, rtol=1e-2)
+        assert norm.weight.grad.dtype == torch.float32
 
 
 def test_output_shape_dtype_and_layout():
