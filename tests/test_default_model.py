@@ -72,7 +72,7 @@ def test_controlnet_makes_images_follow_the_edges(model):
     hints = torch.stack([item["hint"] for item in items])
     targets = [hint[0].numpy() > 0.5 for hint in hints]
     f1 = {}
-    for name, control in (("without", None), ("with", [controlnet.control(hints, scale=demo.SHAPES_CONTROL_SCALE)])):
+    for name, control in (("without", None), ("with", [controlnet.control(hints)])):
         latents = generate_latents(model, captions, seed=0, sampler="dpmpp-2m", steps=10, guidance=3.0,
                                    height=64, width=64, control=control)
         maps = edge_maps(model.decode_latents(latents))
