@@ -131,7 +131,8 @@ class BatchSizeDependent(torch.nn.Module):
 
 def test_a_prompts_context_does_not_depend_on_the_other_prompts_of_the_batch(default_model, monkeypatch):
     model = default_model
-    monkeypatch.setattr(model, "text_encoder", BatchSizeDependent(model.text_encoder))
+    # setitem, not setattr: a submodule lives in _modules, and setattr's undo would delete it from the shared model
+    monkeypatch.setitem(model._modules, "text_encoder", BatchSizeDependent(model.text_encoder))
     options = dict(sampler="ddim", steps=2, guidance=3.0, height=64, width=64)
     prompts = ["red apple", "blue car", "red apple"]  # a repeated prompt too
     with torch.no_grad():
