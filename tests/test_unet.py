@@ -169,6 +169,8 @@ def test_timestep_embedding_is_cos_then_sin():
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
 def test_group_norm_runs_in_float32_and_returns_input_dtype(grad):
     norm = GroupNorm32(4, 8)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5), norm.bias.normal_(0, 0.5)
     x = (torch.randn(2, 8, 5, 5) * 100 + 1000).bfloat16()  # statistics in bf16 would lose the variance
     with torch.set_grad_enabled(grad):
         out = norm(x.requires_grad_(grad))
