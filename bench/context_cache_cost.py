@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conditioning.context_cache import ContextCache  # noqa: E402
+from data.config import DataConfig  # noqa: E402
 from data.shapes import sample_scene, scene_caption  # noqa: E402
 from ldm.latent_diffusion import LatentDiffusion  # noqa: E402
 
@@ -50,7 +51,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = LatentDiffusion.load(args.checkpoint).eval()
     order = torch.randperm(args.scenes, generator=torch.Generator().manual_seed(0))[:args.batches * args.batch_size]
-    captions = [scene_caption(sample_scene(0, "train", int(i), 2)) for i in order]
+    data = DataConfig(source="shapes")  # the shapes stage 2's data: its seed, split and objects per scene
+    captions = [scene_caption(sample_scene(data.seed, data.split, int(i), data.shapes_max_objects)) for i in order]
     batches = [captions[i:i + args.batch_size] for i in range(0, len(captions), args.batch_size)]
 
     calls = {"per batch": [], "chunked": []}
