@@ -1,14 +1,17 @@
-"""Quality of bf16 inference on the shipped default model (issue 23 item 1; bench/RESULTS.md).
+"""Quality of bf16 inference on the shipped default models (issue 23 item 1; bench/RESULTS.md).
 
     HF_HUB_OFFLINE=1 python bench/dtype_quality.py --n 192 --threads 1 --out runs/bench/dtype-quality.json
+    HF_HUB_OFFLINE=1 python bench/dtype_quality.py --data shapes --n 384 --threads 2 \
+        --out runs/bench/dtype-quality-shapes.json
 
-With `ldm.evaluate.Evaluator` (emoji held-out captions, DPM-Solver++ 2M, 15 steps, guidance 3, image i from
-seed + i), against the same n held-out references:
+With `ldm.evaluate.Evaluator` (the data's held-out captions, DPM-Solver++ 2M, 15 steps, image i from seed + i;
+guidance 3 on emoji, 2 on shapes as the shapes model's sweep chose), against the same n held-out references;
+on shapes also the judge's per-attribute adherence:
 
   fp32 / bf16   the model as loaded, and with its U-Net cast to bf16 as `Pipeline(dtype="bf16")` casts it
                 (`ldm.precision.cast_for_inference`), both from seed 0: the same starting noise;
-  fp32 seed S   the float32 model from other seeds (--noise-seeds): how much FID moves with the seeds
-                alone at this n, the noise a dtype's FID is judged against.
+  fp32 seed S   the float32 model from other seeds (--noise-seeds): how much FID (and adherence) moves
+                with the seeds alone at this n, the noise a dtype's figures are judged against.
 
 Then per image, the fp32 and bf16 images of the same seed (0-255): largest |difference| (its median,
 90th percentile and largest over the n images) and mean |difference|; and the autoencoder's decode in
@@ -40,6 +43,12 @@ from ldm.generation import generate_latents  # noqa: E402
 from ldm.original_format import load_model  # noqa: E402
 from ldm.precision import cast_for_inference  # noqa: E402
 from ldm.sampling_options import SamplingOptions  # noqa: E402
+
+from demo import SHAPES_GUIDANCE  # noqa: E402
+
+# The shipped model of each data set and the guidance its sweep chose (models/default/RECIPE.md).
+DEFAULTS = {"emoji": {"checkpoint": "models/default/model.safetensors", "cfg": 3.0},
+            "shapes": {"checkpoint": "models/default/shapes.safetensors", "cfg": SHAPES_GUIDANCE}}
 
 
 def read_pngs(folder: Path, n: int) -> np.ndarray:
@@ -81,25 +90,29 @@ def decode_check(model, prompts: list[str], options: SamplingOptions) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python bench/dtype_quality.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default="models/default/model.safetensors")
+    parser.add_argument("--data", choices=sorted(DEFAULTS), default="emoji")
+    parser.add_argument("--checkpoint", help="default: the shipped model of --data")
     parser.add_argument("--n", type=int, default=192)
     parser.add_argument("--sampler", default="dpmpp-2m")
     parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--cfg", type=float, help="default: the guidance shipped for --data")
     parser.add_argument("--noise-seeds", type=int, nargs="*", default=[10000, 20000],
                         help="seeds of the extra fp32 runs that measure the seed-to-seed FID noise")
     parser.add_argument("--decode-images", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/dtype-quality.json"))
     args = parser.parse_args(argv)
+    args.checkpoint = args.checkpoint or DEFAULTS[args.data]["checkpoint"]
+    args.cfg = DEFAULTS[args.data]["cfg"] if args.cfg is None else args.cfg
     torch.set_num_threads(args.threads)
 
     fp32 = load_model(args.checkpoint).eval()
     bf16 = copy.deepcopy(fp32)
     cast_for_inference([bf16.unet], torch.bfloat16)
     options = dict(sampler=args.sampler, steps=args.steps, cfg=args.cfg)
-    results = {"checkpoint": args.checkpoint, "n": args.n, **options, "threads": args.threads, "rows": []}
-    evaluator = Evaluator(fp32, "emoji", n=args.n, clip=None, checkpoint=args.checkpoint)
+    results = {"data": args.data, "checkpoint": args.checkpoint, "n": args.n, **options, "threads": args.threads,
+               "rows": []}
+    evaluator = Evaluator(fp32, args.data, n=args.n, clip=None, checkpoint=args.checkpoint)
     started = time.time()
     with tempfile.TemporaryDirectory() as folder:
         saved = {}
@@ -113,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
             saved[name] = images
             row = {"run": name, "dtype": name.split()[0], "seed": seed, "fid": round(result["fid"], 2),
                    "fid_data_floor": round(result["fid_data_floor"], 2), "seconds": result["seconds"]["total"]}
+            if result["shapes"] is not None:
+                row["shapes"] = {name: round(value, 4) for name, value in result["shapes"].items()}
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
         results["image_differences"] = image_differences(read_pngs(saved["fp32"], args.n),
@@ -120,15 +135,18 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(results["image_differences"]), flush=True)
     prompts = evaluator.prompt_list[:args.decode_images]
     results["decode"] = decode_check(fp32, prompts, SamplingOptions(sampler=args.sampler, steps=args.steps,
-                                                                    guidance=args.cfg, height=64, width=64))
+                                                                    guidance=args.cfg, height=evaluator.size,
+                                                                    width=evaluator.size))
     print(json.dumps(results["decode"]), flush=True)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out, json.dumps(results, indent=1) + "\n")
     print(f"{time.time() - started:.0f} s; wrote {args.out}")
-    print(f"\n| run (emoji held-out, n={args.n}) | FID | data floor |\n|---|---:|---:|")
+    print(f"\n| run ({args.data} held-out, n={args.n}) | FID | data floor | all attributes right |")
+    print("|---|---:|---:|---:|")
     for row in results["rows"]:
-        print(f"| {row['run']} | {row['fid']:.2f} | {row['fid_data_floor']:.2f} |")
+        right = f"{100 * row['shapes']['all_attributes']:.1f}%" if "shapes" in row else "-"
+        print(f"| {row['run']} | {row['fid']:.2f} | {row['fid_data_floor']:.2f} | {right} |")
 
 
 if __name__ == "__main__":
