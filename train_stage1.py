@@ -20,7 +20,7 @@ from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig
 from autoencoder.kl import AutoencoderKL
 from autoencoder.model_file import save_autoencoder
 from common.cli import run
-from common.config import at_least, to_dict
+from common.config import at_least, check_range, to_dict
 from common.randomness import sample_generators
 from common.weights import load_weights
 from data import DataConfig, build_dataset
@@ -36,11 +36,13 @@ class OptimConfig:
     lr: float = 4.5e-6
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     warmup_steps: int = 0
-    decay: LRDecay = "constant"  # cosine: to 0 at train.max_steps (both optimizers)
+    decay: LRDecay = "constant"  # cosine / cooldown: to 0 at train.max_steps (both optimizers)
+    cooldown_fraction: float = 0.2  # decay "cooldown": the last part of train.max_steps, lr linearly to 0
 
     def __post_init__(self):
         check_adam(self.lr, self.betas)
         at_least("warmup_steps", self.warmup_steps, 0)
+        check_range("cooldown_fraction", self.cooldown_fraction, low=0, high=1, low_inclusive=False)
 
 
 @dataclass
@@ -78,7 +80,7 @@ class AutoencoderTask(TrainingTask):
                       betas=betas)
         opt_disc = adam(self.loss.discriminator_parameters(), lr=self.cfg.optim.lr, betas=betas)
         optim, total = self.cfg.optim, self.cfg.train.max_steps
-        self.schedulers = {name: warmup_then_decay(opt, optim.warmup_steps, optim.decay, total)
+        self.schedulers = {name: warmup_then_decay(opt, optim.warmup_steps, optim.decay, total, optim.cooldown_fraction)
                            for name, opt in (("autoencoder", opt_ae), ("discriminator", opt_disc))}
         opt_ae, opt_disc = accelerator.prepare(opt_ae, opt_disc)
         self.modules = {"autoencoder": self.autoencoder, "loss": self.loss}

@@ -52,12 +52,14 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     warmup_steps: int = 500
-    decay: LRDecay = "constant"  # cosine: to 0 at train.max_steps
+    decay: LRDecay = "constant"  # cosine / cooldown: to 0 at train.max_steps
+    cooldown_fraction: float = 0.2  # decay "cooldown": the last part of train.max_steps, lr linearly to 0
 
     def __post_init__(self):
         check_adam(self.lr, self.betas)
         check_range("weight_decay", self.weight_decay, low=0)
         at_least("warmup_steps", self.warmup_steps, 0)
+        check_range("cooldown_fraction", self.cooldown_fraction, low=0, high=1, low_inclusive=False)
 
 
 @dataclass
@@ -126,7 +128,8 @@ class LatentDiffusionTask(TrainingTask):
             self.adapters.train_parts()
         opt = adam([p for p in self.trainable.parameters() if p.requires_grad], decoupled_weight_decay=True,
                    lr=self.cfg.optim.lr, betas=tuple(self.cfg.optim.betas), weight_decay=self.cfg.optim.weight_decay)
-        sched = warmup_then_decay(opt, self.cfg.optim.warmup_steps, self.cfg.optim.decay, self.cfg.train.max_steps)
+        optim, total = self.cfg.optim, self.cfg.train.max_steps
+        sched = warmup_then_decay(opt, optim.warmup_steps, optim.decay, total, optim.cooldown_fraction)
         self.optimizers = {"unet": accelerator.prepare(opt)}
         self.schedulers = {"unet": sched}
         self.modules = dict(self.trainable.items())

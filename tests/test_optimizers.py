@@ -38,9 +38,9 @@ def test_fused_where_torch_has_the_kernel_only():
     assert not on_meta.param_groups[0]["fused"]
 
 
-def _lrs(decay: str, warmup: int, total: int | None, steps: int = 11) -> list[float]:
+def _lrs(decay: str, warmup: int, total: int | None, steps: int = 11, **options) -> list[float]:
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
-    schedule = warmup_then_decay(optimizer, warmup, decay, total)
+    schedule = warmup_then_decay(optimizer, warmup, decay, total, **options)
     lrs = []
     for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -58,9 +58,20 @@ def test_warmup_then_cosine_decay_follows_the_closed_form():
     assert _lrs("constant", 4, None) == pytest.approx([0.5, 1.0, 1.5] + [2.0] * 8)
 
 
+def test_warmup_then_cooldown_is_flat_then_a_straight_line_to_zero():
+    # total 10, cooldown 0.4: full lr (after the warm-up) to step 6, then 2 * (10 - s) / 4 down to 0 at s = 10
+    expected = [0.5, 1.0, 1.5, 2.0, 2.0, 2.0, 2.0, 1.5, 1.0, 0.5, 0.0, 0.0]
+    assert _lrs("cooldown", 4, 10, steps=12, cooldown_fraction=0.4) == pytest.approx(expected, abs=1e-12)
+    assert _lrs("cooldown", 0, 10) == pytest.approx([2.0] * 8 + [2 * 2 / 2, 2 * 1 / 2, 0.0], abs=1e-12)  # 0.2
+
+
 def test_lr_decay_errors_name_the_setting():
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    with pytest.raises(ValueError, match="lr decay must be one of constant, cosine, got 'linear'"):
+    with pytest.raises(ValueError, match="lr decay must be one of constant, cosine, cooldown, got 'linear'"):
         warmup_then_decay(optimizer, 0, "linear", 10)
     with pytest.raises(ValueError, match="train.max_steps"):
         warmup_then_decay(optimizer, 0, "cosine", None)
+    with pytest.raises(ValueError, match="cooldown lr decay needs the run's total steps"):
+        warmup_then_decay(optimizer, 0, "cooldown", None)
+    with pytest.raises(ValueError, match="cooldown_fraction must be in"):
+        warmup_then_decay(optimizer, 0, "cooldown", 10, cooldown_fraction=0)

@@ -81,11 +81,16 @@ def _stage2(tmp_path, stage1_file, monkeypatch, out, *extra, resume=False):
     return tmp_path / out
 
 
-def test_stage2_cosine_decay_reaches_zero_at_max_steps(tmp_path, stage1_file, monkeypatch):
-    out = _stage2(tmp_path, stage1_file, monkeypatch, "a", "optim.decay=cosine", "optim.warmup_steps=1")
+@pytest.mark.parametrize("decay, lr_at_2", [
+    ("optim.decay=cosine", 1e-3 * 0.5),  # tiny.yaml's lr x 0.5 (1 + cos(pi s / 4))
+    ("optim.decay=cooldown", 1e-3 * 2 / 3),  # x (4 - s) / (0.75 x 4): the last three steps cool down
+])
+def test_stage2_lr_decay_reaches_zero_at_max_steps(tmp_path, stage1_file, monkeypatch, decay, lr_at_2):
+    out = _stage2(tmp_path, stage1_file, monkeypatch, "a", decay, "optim.cooldown_fraction=0.75",
+                  "optim.warmup_steps=1")
     lrs = [torch.load(out / f"checkpoints/step_{step:08d}/optimizers.pt", weights_only=True)
            ["optimizers"]["unet"]["param_groups"][0]["lr"] for step in (2, 4)]
-    assert lrs == pytest.approx([1e-3 * 0.5, 0.0], abs=1e-12)  # tiny.yaml's lr x 0.5 (1 + cos(pi s / 4))
+    assert lrs == pytest.approx([lr_at_2, 0.0], abs=1e-12)
 
 
 def test_stage2_resume_is_exact_and_exports_ema(tmp_path, stage1_file, monkeypatch):

@@ -31,25 +31,33 @@ def adam(params: Iterable[torch.Tensor], decoupled_weight_decay: bool = False, *
     return kind(params, fused=fused_supported(params) or None, **options)
 
 
-LRDecay = Literal["constant", "cosine"]  # the trainers' `optim.decay`
+LRDecay = Literal["constant", "cosine", "cooldown"]  # the trainers' `optim.decay`
 LR_DECAYS = get_args(LRDecay)
 
 
 def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, decay: LRDecay = "constant",
-                      total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """The lr factor at optimizer step s: a linear ramp (s + 1) / warmup_steps up to 1, times
-    `decay`'s factor: 1 ("constant") or 0.5 (1 + cos(pi s / total_steps)), reaching 0 at total_steps
-    ("cosine"; train.max_steps, so a run stopped early by max_minutes has not decayed yet)."""
+                      total_steps: int | None = None, cooldown_fraction: float = 0.2
+                      ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The lr factor at optimizer step s: a linear ramp (s + 1) / warmup_steps up to 1, times `decay`'s
+    factor: 1 ("constant"); 0.5 (1 + cos(pi s / total_steps)) ("cosine"); or 1 until the last
+    `cooldown_fraction` of total_steps, then a straight line to 0 at total_steps ("cooldown": the
+    warm-up-stable-decay schedule, full lr for most of a fixed budget and the annealing at its end).
+    total_steps is train.max_steps, so a run stopped early by max_minutes has not decayed yet."""
     if decay not in LR_DECAYS:
         raise ValueError(f"lr decay must be one of {', '.join(LR_DECAYS)}, got {decay!r}")
-    if decay == "cosine" and not total_steps:
-        raise ValueError("cosine lr decay needs the run's total steps (train.max_steps)")
+    if decay != "constant" and not total_steps:
+        raise ValueError(f"{decay} lr decay needs the run's total steps (train.max_steps)")
+    if not 0 < cooldown_fraction <= 1:
+        raise ValueError(f"cooldown_fraction must be in (0, 1], got {cooldown_fraction}")
     warmup = max(1, warmup_steps)
 
     def factor(step: int) -> float:
         ramp = min(1.0, (step + 1) / warmup)
         if decay == "constant":
             return ramp
-        return ramp * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+        if decay == "cosine":
+            return ramp * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+        remaining = max(0, total_steps - step) / (cooldown_fraction * total_steps)
+        return ramp * min(1.0, remaining)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
