@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             row = {"run": name, "dtype": name.split()[0], "seed": seed, "fid": round(result["fid"], 2),
                    "fid_data_floor": round(result["fid_data_floor"], 2), "seconds": result["seconds"]["total"]}
             if result["shapes"] is not None:
-                row["shapes"] = {name: round(value, 4) for name, value in result["shapes"].items()}
+                row["shapes"] = {attribute: round(value, 4) for attribute, value in result["shapes"].items()}
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
         results["image_differences"] = image_differences(read_pngs(saved["fp32"], args.n),
