@@ -42,9 +42,11 @@ SHAPES_PROMPTS = [  # captions in the shapes data's grammar, none of them a trai
     "a large yellow star on the right on a gray background",
     "a small green triangle at the top and a large purple hexagon at the bottom right on a white background",
 ]
-SHAPES_GUIDANCE = 2.0  # best by the sweep at n = 384: 74.5% of images fully right at 2, 73.4% at 3, FID 63 against 69
-# The outline ControlNet's strength, by the sweep at n = 384 (bench/RESULTS.md): edge F1 (1 px) 0.899 at 1,
-# 0.916 at 1.25, 0.938 at 2; size 98.6%, 98.1%, 97.4%: the strongest that keeps every attribute at 98%.
+# The shapes model's guidance, by the sweep at n = 384 (bench/RESULTS.md): 80.5% of images fully right at 2,
+# 81.0% at 3 (within noise) for FID 58.4 against 63.9; 73.7% at 1.
+SHAPES_GUIDANCE = 2.0
+# The outline ControlNet's strength, by the sweep at n = 384 (bench/RESULTS.md): edge F1 (1 px) 0.930 at 1,
+# 0.943 at 1.25, every attribute >= 98.5% at both; on the previous base, 2 cost size and shape.
 SHAPES_CONTROL_SCALE = 1.25
 
 
