@@ -223,11 +223,14 @@ def sampling_case(name: str, compile_ours: bool = False) -> Case:
                 compiled=None if compiled is None else lambda: run_ours(compiled))
 
 
-def train_case(name: str, compile_ours: bool = False) -> Case:  # compile_ours: inference only, ignored
+def train_case(name: str, compile_ours: bool = False) -> Case:
     """One optimizer step of eps-MSE training. Ours as train_stage2.py runs it (`Diffusion.training_losses`,
     `training.optimizers.adam`: fused AdamW); diffusers' as its train_text_to_image.py, in NCHW and in
     channels_last, with the fused AdamW too (its best setting). Under `--precision bf16` both sides run
-    in bf16 autocast, as `train.mixed_precision=bf16` and accelerate's `--mixed_precision bf16` do."""
+    in bf16 autocast, as `train.mixed_precision=bf16` and accelerate's `--mixed_precision bf16` do.
+    `compile_ours`: also ours through plain `torch.compile` (inductor, weights not frozen: they train),
+    with an optimizer of its own over the same parameters; its "max |compiled - eager|" is the loss
+    after the eager warm-up step's update (lr 1e-5), not at the same weights."""
     from training.optimizers import adam
 
     ours, twin, params = unet_pair(name)
@@ -274,9 +277,14 @@ def train_case(name: str, compile_ours: bool = False) -> Case:  # compile_ours: 
     def release(side_name: str) -> None:
         for key in [k for k in optimizers if (k == "ours") == (side_name == "ours")]:
             del optimizers[key]
+    compiled = None
+    if compile_ours:
+        net = torch.compile(ours, dynamic=False)
+        compiled = lambda: step("ours compiled", net, lambda: diffusion.training_losses(  # noqa: E731
+            net, x0, {"context": context}, t=t, noise=noise)["loss"].mean())
     return Case(f"training step (eps-MSE forward + backward + fused AdamW, {PRECISION}), batch {batch}, "
                 f"{side}x{side} latents", lambda: step("ours", ours, ours_loss), theirs, compare=compare,
-                release=release, sequential=name == "sd1")
+                compiled=compiled, release=release, sequential=name == "sd1")
 
 
 BUILDERS = {"unet": unet_case, "vae": vae_case, "sampling": sampling_case, "train": train_case}
@@ -433,7 +441,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--cpu-time", action="store_true", help="time with the main thread's CPU clock")
     parser.add_argument("--compile", action="store_true",
-                        help="also time ours through layers.compile_for_inference (U-Net, sampling)")
+                        help="also time ours through layers.compile_for_inference (U-Net, sampling) or torch.compile (train)")
     parser.add_argument("--memory", action="store_true", help="also measure working memory in subprocesses")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="the training step's precision on both sides (bf16: autocast)")
