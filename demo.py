@@ -48,6 +48,11 @@ SHAPES_GUIDANCE = 2.0
 # The outline ControlNet's strength, by the sweep at n = 384 (bench/RESULTS.md): edge F1 (1 px) 0.930 at 1,
 # 0.943 at 1.25, every attribute >= 98.5% at both; on the previous base, 2 cost size and shape.
 SHAPES_CONTROL_SCALE = 1.25
+# The Canny ControlNet's guidance and strength, by the sweep at n = 192 held-out emoji (bench/RESULTS.md): edge
+# F1 (1 px) 0.813 at guidance 1 and strength 2, FID 184.6 with it and without; 0.690 at guidance 3 and strength
+# 1, where every strength above 1 costs FID (+12.8 at 2).
+EMOJI_CONTROL_GUIDANCE = 1.0
+EMOJI_CONTROL_SCALE = 2.0
 
 
 def _python(*args) -> None:
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         image.save(folder.parent / f"source-{folder.name}.png")
         edges.save(folder.parent / f"edges-{folder.name}.png")
     rows = draw_controlled(model, controlnet, [(caption, image, folder) for caption, image, _, folder in emoji],
-                           "canny", guidance=3, steps=25)
+                           "canny", guidance=EMOJI_CONTROL_GUIDANCE, steps=15, scale=EMOJI_CONTROL_SCALE)
     overview = grid([[np.asarray(image), _as_rgb(np.asarray(edges)), *drawn]
                      for (_, image, edges, _), drawn in zip(emoji, rows)])
     Image.fromarray(overview).save(out / "controlnet" / "overview.png")
