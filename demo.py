@@ -50,7 +50,7 @@ SHAPES_GUIDANCE = 2.0
 SHAPES_CONTROL_SCALE = 1.25
 # The Canny ControlNet's guidance and strength, by the sweep at n = 192 held-out emoji (bench/RESULTS.md): edge
 # F1 (1 px) 0.813 at guidance 1 and strength 2, FID 184.6 with it and without; 0.690 at guidance 3 and strength
-# 1, where every strength above 1 costs FID (+12.8 at 2).
+# 1, where strength 2 costs 12.8 FID.
 EMOJI_CONTROL_GUIDANCE = 1.0
 EMOJI_CONTROL_SCALE = 2.0
 

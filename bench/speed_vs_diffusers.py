@@ -441,7 +441,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--cpu-time", action="store_true", help="time with the main thread's CPU clock")
     parser.add_argument("--compile", action="store_true",
-                        help="also time ours through layers.compile_for_inference (U-Net, sampling) or torch.compile (train)")
+                        help="also time ours through layers.compile_for_inference (U-Net, sampling) "
+                             "or plain torch.compile (train)")
     parser.add_argument("--memory", action="store_true", help="also measure working memory in subprocesses")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="the training step's precision on both sides (bf16: autocast)")
