@@ -110,7 +110,8 @@ def test_ckpt_path_loads_full_and_standalone_checkpoints(tmp_path):
 
 
 def test_configs_load_and_build():
-    names = ["kl-f8", "kl-f4", "vq-f4", "kl-f4-emoji64", "kl-f4-shapes64", "vq-f4-emoji64", "tiny-kl", "tiny-vq"]
+    names = sorted(path.stem for path in CONFIGS.glob("*.yaml"))
+    assert {"kl-f8", "kl-f4", "vq-f4", "kl-f4-emoji64", "kl-f2-emoji64", "tiny-kl", "tiny-vq"} <= set(names)
     for name in names:
         cfg = load_config(CONFIGS / f"{name}.yaml", Stage1Config)  # every file is a whole stage-1 config
         assert cfg.model.kind == ("vq" if name.startswith(("vq", "tiny-vq")) else "kl")
@@ -121,6 +122,18 @@ def test_configs_load_and_build():
         if cfg.loss.perceptual_weight == 0:
             loss = ae.build_autoencoder_loss(cfg.loss)
             assert loss.perceptual is None
+
+
+@pytest.mark.parametrize("name", ["kl-f2-emoji64", "kl-f2-shapes64"])
+def test_f2_configs_halve_the_side_once_and_have_no_attention(name):
+    # 64x64 images <-> 32x32x4 latents, and no attention block anywhere: over 1,024 positions the mid
+    # block's cost a step 2.5x (bench/RESULTS.md, "Stage 1 at f2").
+    model = ae.build_autoencoder(load_config(CONFIGS / f"{name}.yaml", Stage1Config).model).eval()
+    assert not any(isinstance(m, ae.modules.AttnBlock) for m in model.modules())
+    with torch.no_grad():
+        z = model.encode(torch.rand(2, 3, 64, 64) * 2 - 1).mode()
+        assert z.shape == (2, 4, 32, 32)
+        assert model.decode(z).shape == (2, 3, 64, 64)
 
 
 # -- KL posterior --------------------------------------------------------------------------------
