@@ -259,8 +259,8 @@ def train_case(name: str, compile_ours: bool = False) -> Case:
         optimizers[key].zero_grad(set_to_none=True)
         return loss.detach()
 
-    ours_loss = lambda: diffusion.training_losses(  # noqa: E731
-        ours, x0, {"context": context}, t=t, noise=noise)["loss"].mean()
+    def ours_loss(model: torch.nn.Module = ours) -> torch.Tensor:  # model: ours, or ours compiled
+        return diffusion.training_losses(model, x0, {"context": context}, t=t, noise=noise)["loss"].mean()
 
     def theirs_loss(model: torch.nn.Module, memory_format: torch.memory_format) -> torch.Tensor:
         noisy = noiser.add_noise(x0, noise, t).contiguous(memory_format=memory_format)
@@ -275,13 +275,12 @@ def train_case(name: str, compile_ours: bool = False) -> Case:
         return lambda: step(layout, model, lambda: theirs_loss(model, LAYOUTS[layout]))
 
     def release(side_name: str) -> None:
-        for key in [k for k in optimizers if (k == "ours") == (side_name == "ours")]:
+        for key in [k for k in optimizers if k.startswith("ours") == (side_name == "ours")]:
             del optimizers[key]
     compiled = None
     if compile_ours:
         net = torch.compile(ours, dynamic=False)
-        compiled = lambda: step("ours compiled", net, lambda: diffusion.training_losses(  # noqa: E731
-            net, x0, {"context": context}, t=t, noise=noise)["loss"].mean())
+        compiled = lambda: step("ours compiled", net, lambda: ours_loss(net))  # noqa: E731
     return Case(f"training step (eps-MSE forward + backward + fused AdamW, {PRECISION}), batch {batch}, "
                 f"{side}x{side} latents", lambda: step("ours", ours, ours_loss), theirs, compare=compare,
                 compiled=compiled, release=release, sequential=name == "sd1")
