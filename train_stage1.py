@@ -1,6 +1,8 @@
 """Stage 1: train a KL- or VQ-regularised autoencoder with L1 + LPIPS + a PatchGAN discriminator.
 
     python train_stage1.py --config configs/autoencoder/kl-f4-emoji64.yaml [--resume] [key=value ...]
+    # fine-tune the decoder of a trained autoencoder (a stage-1 or stage-2 file); its latent space stays
+    python train_stage1.py --config ... init_from=models/default/model.safetensors train_part=decoder
 
 Writes checkpoints under train.output_dir and, at the end, `autoencoder.safetensors`: the weights
 (EMA ones when train.ema_decay is set) with the model config and the measured latent scale factor
@@ -9,8 +11,9 @@ in its metadata, which stage 2 reads.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -18,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from autoencoder import build_autoencoder, build_autoencoder_loss, measure_scale_factor
 from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig
 from autoencoder.kl import AutoencoderKL
-from autoencoder.model_file import save_autoencoder
+from autoencoder.model_file import load_autoencoder, save_autoencoder
 from common.cli import run
 from common.config import at_least, check_range, to_dict
 from common.randomness import sample_generators
@@ -53,9 +56,17 @@ class Stage1Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scale_factor_batches: int = 8  # batches of latents to measure 1/std over at the end
+    init_from: str | None = None  # start from this autoencoder (a stage-1 file, or a stage-2 file's)
+    # "decoder": train only what maps latents to images; the encoder, the latent space and its scale factor
+    # stay the init_from file's, so a stage 2 trained on that file still fits the result.
+    train_part: Literal["all", "decoder"] = "all"
 
     def __post_init__(self):
         at_least("scale_factor_batches", self.scale_factor_batches, 1)
+        if self.train_part not in ("all", "decoder"):
+            raise ValueError(f"train_part must be 'all' or 'decoder', got {self.train_part!r}")
+        if self.train_part == "decoder" and self.init_from is None:
+            raise ValueError("train_part=decoder needs init_from: the trained autoencoder whose decoder to fine-tune")
 
 
 class AutoencoderTask(TrainingTask):
@@ -65,6 +76,12 @@ class AutoencoderTask(TrainingTask):
         self.cfg = cfg
         self.autoencoder = build_autoencoder(cfg.model)
         self.loss = build_autoencoder_loss(cfg.loss)
+        self.init_scale_factor = _init_from(self.autoencoder, cfg) if cfg.init_from else None
+        self.trained = self.autoencoder.decoder_parameters() if cfg.train_part == "decoder" \
+            else list(self.autoencoder.parameters())
+        trained = {id(p) for p in self.trained}
+        for p in self.autoencoder.parameters():  # frozen ones get no gradients: no encoder backward
+            p.requires_grad_(id(p) in trained)
 
     def setup(self, accelerator) -> None:
         self.device = accelerator.device
@@ -72,11 +89,14 @@ class AutoencoderTask(TrainingTask):
             # The PatchGAN's batch statistics over the global batch, as one process has them (same
             # parameter names; torch has no SyncBatchNorm on CPUs, where each process uses its own batch).
             self.loss = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.loss)
-        self.autoencoder.to(self.device).train()
+        self.autoencoder.to(self.device).train(self.cfg.train_part == "all")
+        if self.cfg.train_part == "decoder":  # a VQ codebook's EMA and dead-code updates stay off with the encoder
+            self.autoencoder.decoder.train()
+            self.autoencoder.post_quant_conv.train()
         self.loss.to(self.device).train()
         betas = tuple(self.cfg.optim.betas)
         # The original left the learned logvar out of the optimizer; here it trains with the autoencoder.
-        opt_ae = adam([*self.autoencoder.parameters(), *self.loss.autoencoder_parameters()], lr=self.cfg.optim.lr,
+        opt_ae = adam([*self.trained, *self.loss.autoencoder_parameters()], lr=self.cfg.optim.lr,
                       betas=betas)
         opt_disc = adam(self.loss.discriminator_parameters(), lr=self.cfg.optim.lr, betas=betas)
         optim, total = self.cfg.optim, self.cfg.train.max_steps
@@ -128,6 +148,36 @@ def main() -> None:
     if cfg.train.ema_decay and last is not None:  # export the EMA weights
         model.load_state_dict(load_weights(last / "ema.safetensors"))
     model.eval()
+    if task.init_scale_factor is not None and cfg.train_part == "decoder":
+        scale = task.init_scale_factor  # the same encoder: the latents a stage 2 was trained on
+    else:
+        scale = _measured_scale_factor(model, dataset, cfg)
+    with export_errors(out):
+        save_autoencoder(model, cfg.model, out / "autoencoder.safetensors", scale_factor=scale)
+    log.info("latent scale factor %.5f; wrote %s", scale, out / "autoencoder.safetensors")
+
+
+def _init_from(model: torch.nn.Module, cfg: Stage1Config) -> float:
+    """Load cfg.init_from's autoencoder weights into `model` (built from cfg.model); its scale factor."""
+    source, source_cfg, scale = load_autoencoder(cfg.init_from)
+    if source_cfg != cfg.model:
+        ours, theirs = _flat(asdict(cfg.model)), _flat(asdict(source_cfg))
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        raise ValueError(f"init_from {cfg.init_from} holds another autoencoder than the config's model: "
+                         + ", ".join(f"model.{k} is {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ))
+    model.load_state_dict(source.state_dict())
+    return scale
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def _measured_scale_factor(model, dataset, cfg: Stage1Config) -> float:
+    """1 / std of the latents of a few training batches (of the posterior's samples for a KL model)."""
     batches = _scale_batches(dataset, cfg, next(model.parameters()).device)
     g = torch.Generator(next(model.parameters()).device).manual_seed(cfg.train.seed)
     scale = measure_scale_factor(lambda x: model.encode_latents(x, sample=True, generator=g), batches)
@@ -138,9 +188,7 @@ def main() -> None:
             log.warning("the posterior's noise dominates the latents' std (scale factor %.4g from samples, %.4g "
                         "from the means): a few latents have a huge variance; train stage 2 with latent_sample=false",
                         scale, means_scale)
-    with export_errors(out):
-        save_autoencoder(model, cfg.model, out / "autoencoder.safetensors", scale_factor=scale)
-    log.info("latent scale factor %.5f; wrote %s", scale, out / "autoencoder.safetensors")
+    return scale
 
 
 def _scale_batches(dataset, cfg: Stage1Config, device):

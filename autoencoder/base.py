@@ -42,6 +42,11 @@ class LatentAutoencoder(nn.Module):
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ddconfig.ch_mult) - 1)
 
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """What maps latents to images (post_quant_conv, decoder): training only these keeps the latent
+        space, so a stage 2 trained on it still fits (SD's fine-tuned decoders, sd-vae-ft-mse)."""
+        return [*self.post_quant_conv.parameters(), *self.decoder.parameters()]
+
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's output conv weight, where the GAN loss balances its gradient against the rest."""
         return self.decoder.conv_out.weight

@@ -16,7 +16,7 @@ from autoencoder import AutoencoderConfig, build_autoencoder
 from autoencoder.model_file import check_file_format
 from autoencoder.tiling import decode_tiled
 from common.config import from_dict
-from common.weights import CheckpointError, load_state_dict_strict, load_weights, read_metadata, save_weights
+from common.weights import CheckpointError, file_sha256, load_state_dict_strict, load_weights, read_metadata, save_weights
 from conditioning import TextEncoderConfig, build_text_encoder
 from ldm.diffusion import Diffusion, DiffusionConfig
 from ldm.unet import UNetConfig, UNetModel
@@ -160,3 +160,11 @@ class LatentDiffusion(nn.Module):
             load_state_dict_strict(module, state, path, what=f"the model's '{prefix}*' part",
                                    file_key=lambda k, prefix=prefix: prefix + k)
         return model.to(device).eval()
+
+
+def same_unet_as(path: str | Path, sha256: str | None = None) -> set[str]:
+    """sha256 of the files whose U-Net the model file at `path` (of hash `sha256`, when known) shares,
+    its own included: a ControlNet or LoRA trained on any of them fits it."""
+    meta = read_metadata(path) if str(path).endswith(".safetensors") else {}
+    shared = meta.get("same_unet_as", [])
+    return {sha256 or file_sha256(path), *(shared if isinstance(shared, list) else [])}

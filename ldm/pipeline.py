@@ -35,6 +35,7 @@ from layers import drop_phase_caches
 from .controlnet import ENCODER_PARTS, Control, ControlNetFile, load_controlnet
 from .denoiser import NoiseLevels
 from .generation import generate_latents
+from .latent_diffusion import same_unet_as
 from .original_format import load_model
 from .pipeline_lora import load_loras, lora_record
 from .png_metadata import png_text
@@ -90,7 +91,7 @@ class Pipeline:
             loaded = load_controlnet(path, unet=self.model.unet, latent_factor=self.model.latent_factor,
                                      device=files.device, dtype=self.dtype)
             trained_on = loaded.metadata.get("stage2_sha256")
-            if trained_on and trained_on != self.checkpoint_sha:
+            if trained_on and trained_on not in same_unet_as(files.checkpoint, self.checkpoint_sha):
                 print(f"warning: {path} was trained on another stage-2 model than {files.checkpoint}",
                       file=sys.stderr)
             if loaded.unet_decoder:
