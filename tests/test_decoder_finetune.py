@@ -115,12 +115,13 @@ def test_replace_decoder_refuses_another_latent_space(model_file, tmp_path, part
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_controlnet_on_the_original_needs_no_warning_after_replacement(model_file, tmp_path, capsys):
+def test_controlnet_on_the_original_needs_no_warning_after_replacement(model_file, tmp_path, capsys, monkeypatch):
     net = ControlNet.from_unet(LatentDiffusion.load(model_file).unet, latent_factor=2)
     save_controlnet(tmp_path / "cn.safetensors", net, metadata={"stage2_sha256": file_sha256(model_file)})
-    sys_argv = [str(model_file), str(_decoder_tuned(model_file, tmp_path / "tuned.safetensors")),
-                "--out", str(tmp_path / "replaced.safetensors")]
-    replace_main_with(sys_argv)
+    monkeypatch.setattr(sys, "argv", ["python -m ldm.replace_decoder", str(model_file),
+                                      str(_decoder_tuned(model_file, tmp_path / "tuned.safetensors")),
+                                      "--out", str(tmp_path / "replaced.safetensors")])
+    replace_main()
     Pipeline.from_file(tmp_path / "replaced.safetensors", controlnets=[tmp_path / "cn.safetensors"])
     assert "trained on another stage-2 model" not in capsys.readouterr().err
     unrelated = tmp_path / "unrelated.safetensors"
@@ -130,11 +131,3 @@ def test_controlnet_on_the_original_needs_no_warning_after_replacement(model_fil
     Pipeline.from_file(unrelated, controlnets=[tmp_path / "cn.safetensors"])
     assert "trained on another stage-2 model" in capsys.readouterr().err
 
-
-def replace_main_with(argv: list[str]) -> None:
-    saved = sys.argv
-    sys.argv = ["python -m ldm.replace_decoder", *argv]
-    try:
-        replace_main()
-    finally:
-        sys.argv = saved
