@@ -63,8 +63,6 @@ class Stage1Config:
 
     def __post_init__(self):
         at_least("scale_factor_batches", self.scale_factor_batches, 1)
-        if self.train_part not in ("all", "decoder"):
-            raise ValueError(f"train_part must be 'all' or 'decoder', got {self.train_part!r}")
         if self.train_part == "decoder" and self.init_from is None:
             raise ValueError("train_part=decoder needs init_from: the trained autoencoder whose decoder to fine-tune")
 
@@ -148,7 +146,7 @@ def main() -> None:
     if cfg.train.ema_decay and last is not None:  # export the EMA weights
         model.load_state_dict(load_weights(last / "ema.safetensors"))
     model.eval()
-    if task.init_scale_factor is not None and cfg.train_part == "decoder":
+    if cfg.train_part == "decoder":
         scale = task.init_scale_factor  # the same encoder: the latents a stage 2 was trained on
     else:
         scale = _measured_scale_factor(model, dataset, cfg)

@@ -2,8 +2,8 @@
 # Trains a shipped model (models/default/) from scratch on built-in data, on 2 CPU cores: stage 1
 # (20 min; for emoji then its decoder fine-tuned with the PatchGAN, 10 min), stage 2 (40 min), an fp16
 # copy, then a ControlNet on that copy (25 min) and its fp16 copy. The budgets are in the configs:
-# train.max_minutes for emoji, train.max_steps (about the same quiet minutes) for shapes. Both files go to MODEL_DIR only once both exist, so a failed run leaves
-# the shipped pair as it was.
+# train.max_minutes for emoji, train.max_steps (about the same quiet minutes) for shapes. Both files go
+# to MODEL_DIR only once both exist, so a failed run leaves the shipped pair as it was.
 #
 #   bash scripts/train_default_model.sh [RUNS_DIR] [MODEL_DIR]     (defaults: runs/default models/default)
 #   DATA=shapes bash scripts/train_default_model.sh                (runs/shapes; shapes.safetensors and
