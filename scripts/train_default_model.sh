@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Trains a shipped model (models/default/) from scratch on built-in data, on 2 CPU cores: stage 1
-# (20 min; for emoji then its decoder fine-tuned with the PatchGAN, 10 min), stage 2 (40 min), an fp16
-# copy, then a ControlNet on that copy (25 min) and its fp16 copy. The budgets are in the configs:
-# train.max_minutes for emoji, train.max_steps (about the same quiet minutes) for shapes. Both files go
+# (20 min; for emoji then its decoder fine-tuned with the PatchGAN, 10 min), stage 2 (emoji ~25 min,
+# shapes ~40), an fp16 copy, then a ControlNet on that copy (25 min) and its fp16 copy. The budgets are in
+# the configs: train.max_minutes for emoji's stage 1, decoder and ControlNet; train.max_steps (about those
+# quiet minutes) for both stage 2s, whose lr cools down over the steps, and for all of shapes. Both files go
 # to MODEL_DIR only once both exist, so a failed run leaves the shipped pair as it was.
 #
 #   bash scripts/train_default_model.sh [RUNS_DIR] [MODEL_DIR]     (defaults: runs/default models/default)

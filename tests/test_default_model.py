@@ -1,5 +1,7 @@
 """The shipped models (models/default/): the emoji model, its ControlNet and LoRA, the shapes model and its
 outline ControlNet: size, precision, and that they actually work."""
+import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -11,10 +13,11 @@ from PIL import Image
 
 import demo
 import train_stage1
+import train_stage2
 from data import DataConfig, build_dataset
 from ldm.controlnet import load_controlnet
 from ldm.generation import generate_latents
-from ldm.latent_diffusion import LatentDiffusion, same_unet_as
+from ldm.latent_diffusion import LatentDiffusion
 from ldm.lora import apply_lora, merge_lora
 from ldm.lora_files import read_lora
 from ldm.sampling_options import SamplingOptions
@@ -47,7 +50,7 @@ def test_shipped_files_are_fp16_and_at_most_25_mb_a_model():
         floats = {v.dtype for v in load_weights(f).values() if v.is_floating_point()}
         assert floats == {torch.float16}, f
     # The shapes U-Net was trained on posterior means (RECIPE.md): its ControlNet and any LoRA on it must be too.
-    assert read_metadata(SHAPES)["latent_sample"] is False and "latent_sample" not in read_metadata(MODEL)
+    assert read_metadata(SHAPES)["latent_sample"] is False and read_metadata(MODEL)["latent_sample"] is True
 
 
 def test_generates_distinct_deterministic_images(model):
@@ -64,8 +67,7 @@ def test_generates_distinct_deterministic_images(model):
 
 
 def test_controlnet_makes_images_follow_the_edges(model):
-    # Trained on the model before its decoder was fine-tuned (RECIPE.md): the file lists that one as sharing its U-Net.
-    assert read_metadata(CONTROLNET)["stage2_sha256"] in same_unet_as(MODEL) - {file_sha256(MODEL)}
+    assert read_metadata(CONTROLNET)["stage2_sha256"] == file_sha256(MODEL)
     controlnet = load_controlnet(CONTROLNET, unet=model.unet, latent_factor=model.latent_factor)
     test = build_dataset(DataConfig(source="emoji", size=64, split="test", condition="canny"))
     items = [test[key] for key in range(0, 40, 5)]  # 8 held-out emoji
@@ -82,11 +84,11 @@ def test_controlnet_makes_images_follow_the_edges(model):
                                    height=64, width=64, control=control)
         maps = edge_maps(model.decode_latents(latents))
         f1[name] = edge_f1(np.asarray(sum(edge_counts(e, t, tolerance=1) for e, t in zip(maps, targets))))["f1"]
-    # Shipped model: 0.50 without, 0.64 with, 0.74 at guidance 1 and strength 2. Emoji are centred blobs,
-    # so even uncontrolled images share many edges with the condition; bench/RESULTS.md has the 192-image
-    # figures.
-    assert f1["with"] > f1["without"] + 0.08, f1
-    assert f1["with, guidance 1, strength 2"] > f1["with"] + 0.05, f1
+    # Shipped model: 0.53 without, 0.81 with, 0.875 at guidance 1 and strength 2 (issue 20 asked >= 0.80 at
+    # n = 192: 0.870 there). Emoji are centred blobs, so even uncontrolled images share many edges with the
+    # condition; bench/RESULTS.md has the 192-image figures.
+    assert f1["with"] > f1["without"] + 0.2, f1
+    assert f1["with, guidance 1, strength 2"] > max(f1["with"], 0.8), f1
 
 
 def test_demo_writes_its_grids(tmp_path):
@@ -109,7 +111,7 @@ def test_demo_writes_its_grids(tmp_path):
 def test_shipped_lora_is_small_fp16_and_names_the_shipped_model():
     assert LORA.stat().st_size < 2_000_000
     meta = read_metadata(LORA)["ldm_lora"]
-    assert meta["base_sha256"] in same_unet_as(MODEL)
+    assert meta["base_sha256"] == file_sha256(MODEL)
     assert meta["rank"] == 8 and meta["steps"] > 0
     tensors = load_weights(LORA)
     assert {v.dtype for v in tensors.values()} == {torch.float16}
@@ -226,6 +228,19 @@ def test_the_training_scripts_configs_fit_together(data, steps, minutes, channel
     assert unet["in_channels"] == unet["out_channels"] == channels
 
 
+@pytest.mark.parametrize("data, shipped", [("emoji", MODEL), ("shapes", SHAPES)])
+def test_the_shipped_u_nets_are_what_the_scripts_stage_2_configs_build(data, shipped):
+    # A config changed without retraining (or the reverse) would make the recipe produce another model.
+    script = (ROOT / "scripts" / "train_default_model.sh").read_text()
+    stage2 = re.search(rf"^\s*{data}\)\s+STAGE1=\S+; STAGE2=(\S+)", script, re.M)[1]
+    cfg = load_config(ROOT / stage2, train_stage2.Stage2Config)
+    built = json.loads(json.dumps(dataclasses.asdict(cfg.model)))  # tuples as lists, as the file has them
+    trained = read_metadata(shipped)["config"]
+    assert trained["diffusion"] == built["diffusion"] and trained["text"] == built["text"]
+    # image_size is None in the config: training sets it from the latents
+    assert {key: value for key, value in built["unet"].items() if value is not None}.items() <= trained["unet"].items()
+
+
 def test_the_emoji_decoder_fine_tune_fits_its_stage_1_and_runs_the_patchgan():
     # The script fine-tunes stage 1's decoder with this config: a model that differs would fail 20 minutes in.
     script = (ROOT / "scripts" / "train_default_model.sh").read_text()
@@ -246,4 +261,4 @@ def test_shipped_configs_with_a_decaying_lr_stop_by_steps():
             decaying.append(path.name)
             train = cfg.get("train", {})
             assert "max_steps" in train and train.get("max_minutes") is None, path
-    assert "shapes64.yaml" in decaying
+    assert {"emoji64.yaml", "shapes64.yaml"} <= set(decaying)
