@@ -32,6 +32,7 @@ CONTROLNET = MODEL_DIR / "controlnet-canny.safetensors"
 LORA = MODEL_DIR / "lora-fashion.safetensors"
 SHAPES = MODEL_DIR / "shapes.safetensors"
 SHAPES_CONTROLNET = MODEL_DIR / "controlnet-shapes-edges.safetensors"
+SCRIPT = ROOT / "scripts" / "train_default_model.sh"
 
 
 @pytest.fixture(scope="module")
@@ -215,25 +216,28 @@ def test_shapes_controlnet_puts_the_objects_on_their_outlines(shapes_model):
     assert f1["with"] > f1["without"] + 0.12 and f1["with"] >= 0.90 and position["with"] >= 0.95, (f1, position)
 
 
+def _script_configs(data: str) -> tuple[str, str]:
+    """The stage-1 and stage-2 config paths scripts/train_default_model.sh trains `data` with."""
+    case = re.search(rf"^\s*{data}\)\s+STAGE1=(\S+); STAGE2=(\S+)", SCRIPT.read_text(), re.M)
+    return case[1], case[2]
+
+
 @pytest.mark.parametrize("data, steps, minutes, channels", [("emoji", 100000, 20, 4), ("shapes", 4000, None, 8)])
 def test_the_training_scripts_configs_fit_together(data, steps, minutes, channels):
     # What scripts/train_default_model.sh trains for each data set: its stage-1 config's budget and latent
     # channels, and a stage-2 U-Net that takes those channels (a mismatch would surface a long run in).
-    script = (ROOT / "scripts" / "train_default_model.sh").read_text()
-    case = re.search(rf"^\s*{data}\)\s+STAGE1=(\S+); STAGE2=(\S+)", script, re.M)
-    cfg = load_config(ROOT / case[1], train_stage1.Stage1Config)
+    stage1, stage2 = _script_configs(data)
+    cfg = load_config(ROOT / stage1, train_stage1.Stage1Config)
     assert (cfg.data.source, cfg.train.max_steps, cfg.train.max_minutes) == (data, steps, minutes)
     assert cfg.model.embed_dim == cfg.model.ddconfig.z_channels == channels
-    unet = yaml.safe_load((ROOT / case[2]).read_text())["model"]["unet"]
+    unet = yaml.safe_load((ROOT / stage2).read_text())["model"]["unet"]
     assert unet["in_channels"] == unet["out_channels"] == channels
 
 
 @pytest.mark.parametrize("data, shipped", [("emoji", MODEL), ("shapes", SHAPES)])
 def test_the_shipped_u_nets_are_what_the_scripts_stage_2_configs_build(data, shipped):
     # A config changed without retraining (or the reverse) would make the recipe produce another model.
-    script = (ROOT / "scripts" / "train_default_model.sh").read_text()
-    stage2 = re.search(rf"^\s*{data}\)\s+STAGE1=\S+; STAGE2=(\S+)", script, re.M)[1]
-    cfg = load_config(ROOT / stage2, train_stage2.Stage2Config)
+    cfg = load_config(ROOT / _script_configs(data)[1], train_stage2.Stage2Config)
     built = json.loads(json.dumps(dataclasses.asdict(cfg.model)))  # tuples as lists, as the file has them
     trained = read_metadata(shipped)["config"]
     assert trained["diffusion"] == built["diffusion"] and trained["text"] == built["text"]
@@ -243,9 +247,8 @@ def test_the_shipped_u_nets_are_what_the_scripts_stage_2_configs_build(data, shi
 
 def test_the_emoji_decoder_fine_tune_fits_its_stage_1_and_runs_the_patchgan():
     # The script fine-tunes stage 1's decoder with this config: a model that differs would fail 20 minutes in.
-    script = (ROOT / "scripts" / "train_default_model.sh").read_text()
-    stage1 = re.search(r"^\s*emoji\)\s+STAGE1=(\S+);", script, re.M)[1]
-    decoder = re.search(r"^\s*DECODER=(\S+) ;;", script, re.M)[1]
+    stage1 = _script_configs("emoji")[0]
+    decoder = re.search(r"^\s*DECODER=(\S+) ;;", SCRIPT.read_text(), re.M)[1]
     first, second = (load_config(ROOT / path, train_stage1.Stage1Config) for path in (stage1, decoder))
     assert second.model == first.model and second.train_part == "decoder"
     assert second.loss.disc_start == 0 and second.loss.disc_weight > 0 and second.loss.disc_factor > 0
