@@ -16,11 +16,12 @@ its log shows apart), and scores, DPM-Solver++ 2M, 15 steps, guidance 3, image i
            to its plain 64 px picture (as the held-out set holds it), and the cosine similarity of
            their Inception pool3 features (the FID network) to that picture's; for the base model too
            (the "before" figure), for the base model with the subject's own name, and for the five
-           training pictures themselves (what a copy of the subject scores);
+           training pictures themselves (what a copy of the subject scores); and the share of samples
+           with the subject's blue tear (`tear_share`), which the base's cat faces rarely have;
   class    n samples of the class prompt ("cat face"): FID against the 192 held-out emoji (the issue's
            figure: the class prompt's distance to emoji it never saw), FID against the base model's
-           own n class samples (the drift itself: 0 would be no change) and their mean Inception cosine
-           to the subject (whether "cat face" has moved to the subject).
+           own n class samples (the drift itself: 0 would be no change), their mean Inception cosine
+           to the subject and their tear share (whether "cat face" has moved to the subject).
 
 The base model's class samples from seeds n..2n-1 are scored the same way: their FID against its own
 seeds 0..n-1 is what "no drift" reads at this n (FID of 64 images is far from 0 for the same model).
@@ -155,11 +156,22 @@ def cosine_to(features: torch.Tensor, reference: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(features.double(), reference.double()[None], dim=1).mean())
 
 
+def tear_share(images: torch.Tensor, min_pixels: int = 20) -> float:
+    """Share of images [N, 3, H, W] in [-1, 1] with a blue tear: at least `min_pixels` clearly blue pixels.
+
+    The tear is the subject's mark: the five subject pictures hold 26-153 such pixels, the base model's
+    "cat face" samples 0 in the median. It reads what Inception features of 64 px samples blur."""
+    r, g, b = to_unit_range(images).unbind(1)
+    blue = (b > 0.55) & (b > r + 0.25) & (b > g + 0.1)
+    return round(float((blue.flatten(1).sum(1) >= min_pixels).double().mean()), 4)
+
+
 def subject_scores(images: torch.Tensor, reference: torch.Tensor, features: InceptionFeatures) -> dict:
-    """PSNR / SSIM of each image to the subject's picture [3, H, W] and Inception cosine, means over images."""
+    """PSNR / SSIM of each image to the subject's picture [3, H, W], Inception cosine (means over images), tears."""
     x, y = to_unit_range(images), to_unit_range(reference)[None].expand_as(images)
     return {"psnr": round(float(psnr(x, y).mean()), 2), "ssim": round(float(ssim(x, y).mean()), 4),
-            "inception_cosine": round(cosine_to(features(images), features(reference[None])[0]), 4)}
+            "inception_cosine": round(cosine_to(features(images), features(reference[None])[0]), 4),
+            "tear_share": tear_share(images)}
 
 
 def merged(base, lora_file: str):
@@ -231,7 +243,8 @@ def measure(args) -> None:
         stats = statistics_of([cls], features)
         return {"class_fid_vs_held_out": round(fid_from_statistics(stats, held_out_stats), 2),
                 "class_fid_vs_base_class": round(fid_from_statistics(stats, statistics_of([base_class], features)), 2),
-                "class_inception_cosine_to_subject": round(cosine_to(features(cls), subject_feature), 4)}
+                "class_inception_cosine_to_subject": round(cosine_to(features(cls), subject_feature), 4),
+                "class_tear_share": tear_share(cls)}
 
     rows, shown = [], {}
     rows.append({"images": f"the {PICTURES} training pictures", **subject_scores(pictures, reference, features)})
@@ -253,11 +266,13 @@ def measure(args) -> None:
     write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
     if args.grid:
         grid({"subject": pictures, **shown}, args.grid)
-    print(f"\n| images (n={args.n}) | PSNR | SSIM | Inception cos | class FID vs held-out | class FID vs base's "
-          f"| class cos to subject |\n|---|---:|---:|---:|---:|---:|---:|")
+    print(f"\n| images (n={args.n}) | PSNR | SSIM | Inception cos | tears | class FID vs held-out "
+          f"| class FID vs base's | class cos to subject | class tears |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        cells = [row.get(k, "") for k in ("psnr", "ssim", "inception_cosine", "class_fid_vs_held_out",
-                                          "class_fid_vs_base_class", "class_inception_cosine_to_subject")]
+        cells = [row.get(k, "") for k in ("psnr", "ssim", "inception_cosine", "tear_share", "class_fid_vs_held_out",
+                                          "class_fid_vs_base_class", "class_inception_cosine_to_subject",
+                                          "class_tear_share")]
         print(f"| {row['images']} | " + " | ".join(str(c) for c in cells) + " |")
 
 
